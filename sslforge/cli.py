@@ -1,0 +1,184 @@
+"""`sslforge train | launch | jobs | data | eval | recipes`.
+
+Everything that can be checked before a process starts (config keys and values, shard paths,
+the run directory) is checked here, and reported as one line naming the bad input, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sslforge.config import ConfigError, list_recipes, load_config, recipe_path, save_config
+
+EXIT_USAGE = 2
+
+
+class UsageError(RuntimeError):
+    """Bad input detected by the CLI itself."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sslforge", description="Distributed self-supervised pretraining.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a recipe on local ranks (or as one rank under torchrun/srun)")
+    train.add_argument("recipe", help="recipe name (see `sslforge recipes`) or YAML path")
+    train.add_argument("overrides", nargs="*", help="key=value config overrides")
+    train.add_argument("--nproc", type=int, default=1, help="local ranks to start (torch.distributed.run)")
+
+    launch = sub.add_parser("launch", help="submit a recipe to SLURM through submitit")
+    launch.add_argument("recipe")
+    launch.add_argument("overrides", nargs="*")
+    launch.add_argument("--slurm", action="store_true", required=True, help="submit to SLURM")
+    launch.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    launch.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
+    launch.add_argument("--status", metavar="RUN_DIR", help=argparse.SUPPRESS)
+
+    jobs = sub.add_parser("jobs", help="state of a run's SLURM jobs and where their logs are")
+    jobs.add_argument("run_dir")
+
+    data = sub.add_parser("data", help="write shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the built-in synthetic shapes dataset")
+    synth.add_argument("out")
+    synth.add_argument("--train", type=int, default=10000, help="training samples")
+    synth.add_argument("--val", type=int, default=2000, help="validation samples")
+    synth.add_argument("--image-size", type=int, default=32)
+    synth.add_argument("--seed", type=int, default=0)
+    shards = data_sub.add_parser("shards", help="turn an ImageFolder tree into webdataset shards")
+    shards.add_argument("src")
+    shards.add_argument("out")
+    shards.add_argument("--max-per-shard", type=int, default=10000)
+
+    ev = sub.add_parser("eval", help="evaluate an encoder")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    knn = ev_sub.add_parser("knn", help="weighted kNN top-1 (faiss)")
+    knn.add_argument("source", help="run directory or checkpoint directory")
+    knn.add_argument("--train", required=True, help="labelled shards for the feature bank")
+    knn.add_argument("--val", required=True, help="labelled shards to classify")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--batch-size", type=int, default=256)
+    knn.add_argument("--workers", type=int, default=2)
+    knn.add_argument("--random-init", action="store_true",
+                     help="evaluate the run's encoder at its initial (random) weights")
+
+    sub.add_parser("recipes", help="list the recipes")
+    return p
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"run_dir {run_dir} cannot be created: {exc.strerror}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise UsageError(f"run_dir {run_dir} is not writable")
+
+
+def preflight(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Fail before any rank starts: shard paths must exist, the run dir must be writable."""
+    from sslforge.data_pipeline.shards import expand_shards
+
+    for spec in (cfg.data.train, cfg.data.val, cfg.data.knn_train):
+        if spec:
+            expand_shards(spec)
+    _check_run_dir(Path(cfg.run_dir))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sslforge.launcher.env import under_external_launcher
+    from sslforge.launcher.worker import main as worker_main
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.nproc < 1:
+        raise UsageError("--nproc must be >= 1")
+    if cfg.optim.batch_size % args.nproc:
+        raise ConfigError(f"invalid value for 'optim.batch_size': {cfg.optim.batch_size} is not divisible "
+                          f"by --nproc {args.nproc}")
+    preflight(cfg)
+    config_path = Path(cfg.run_dir) / "config.yaml"
+    save_config(cfg, config_path)
+    if under_external_launcher() or args.nproc == 1:
+        return worker_main([str(config_path)])
+    from sslforge.launcher.local import launch_local
+
+    return launch_local(config_path, args.nproc)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from sslforge.launcher import slurm
+
+    if args.status:
+        return slurm.status(args.status)
+    cfg = load_config(args.recipe, args.overrides)
+    return slurm.launch(cfg, dry_run=args.dry_run, wait=args.wait)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from sslforge.launcher import slurm
+
+    return slurm.status(args.run_dir)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        from sslforge.data_pipeline.synth import write_synthetic
+
+        paths = write_synthetic(args.out, n_train=args.train, n_val=args.val, image_size=args.image_size,
+                                seed=args.seed)
+        print(json.dumps(paths))
+        return 0
+    from sslforge.data_pipeline.shards import imagefolder_to_shards
+
+    written = imagefolder_to_shards(args.src, args.out, args.max_per_shard)
+    print(f"wrote {len(written)} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sslforge.eval.run import evaluate_knn
+
+    top1 = evaluate_knn(Path(args.source), args.train, args.val, k=args.k, temperature=args.temperature,
+                        batch_size=args.batch_size, workers=args.workers, random_init=args.random_init)
+    print(f"knn_top1 {top1:.2f}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    for name in list_recipes():
+        print(f"{name:28s} {recipe_path(name)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "jobs": cmd_jobs, "data": cmd_data,
+            "eval": cmd_eval, "recipes": cmd_recipes}
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from sslforge.data_pipeline import DataError
+
+    errors: list[type[BaseException]] = [ConfigError, UsageError, DataError, FileNotFoundError]
+    try:
+        from sslforge.launcher.slurm import SlurmError
+
+        errors.append(SlurmError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except _known_errors() as exc:
+        print(f"sslforge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

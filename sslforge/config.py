@@ -1,0 +1,278 @@
+"""Typed configuration: OmegaConf structured schema, recipe loading and `key=value` overrides.
+
+Every recipe is merged onto the schema, so an unknown key or a value of the wrong type fails
+here, in the launching process, before any rank starts. Method-specific keys live under `method`
+and are typed by the method's own dataclass (picked by `method.name`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class ViewConfig:
+    """One augmentation pipeline; `count` crops are drawn with it (multi-crop)."""
+
+    size: int = 224
+    count: int = 1
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8
+    hue: float = 0.2
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    solarize_p: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    train: str = "???"
+    val: Optional[str] = None
+    knn_train: Optional[str] = None  # labelled bank for kNN; defaults to `train`
+    image_size: int = 224
+    mode: str = "finite"  # finite | resampled
+    samples_per_epoch: Optional[int] = None  # required in resampled mode
+    shuffle_buffer: int = 1000
+    num_workers: int = 4
+    views: List[ViewConfig] = field(default_factory=list)  # empty: the method's own views
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    small_stem: Optional[bool] = None  # None: automatic for images <= 64 px
+    sync_bn: bool = True
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 128
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | adamw | sgd
+    batch_size: int = 256  # global, summed over ranks
+    base_lr: float = 0.3  # scaled by `lr_scaling` with the global batch / 256
+    lr_scaling: str = "linear"  # linear | sqrt | none
+    min_lr: float = 0.0
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    lars_eta: float = 0.001
+    exclude_bias_and_norm: bool = True
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    precision: str = "fp32"  # fp32 | bf16 (DeepSpeed torch_autocast: fp32 weights, bf16 compute)
+    grad_clip: float = 0.0  # 0 disables
+    backend: str = "auto"  # auto | nccl | gloo
+    collective_timeout_min: int = 60  # long rank-0 work (clustering, eval) must not trip it
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    steps: Optional[int] = None  # overrides epochs when set
+    seed: int = 0
+    log_every_steps: int = 10
+    ckpt_every_steps: int = 500
+    keep_last: int = 3
+    on_nonfinite: str = "skip"  # skip | stop
+    max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1  # 0 disables periodic kNN
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 256
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_project: str = "sslforge"
+    wandb_entity: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: Optional[int] = None  # default: one task per GPU
+    cpus_per_task: int = 10
+    mem: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time: str = "72:00:00"
+    signal_delay_s: int = 120
+    max_requeues: int = 20
+
+
+@dataclass
+class MethodConfig:
+    name: str = "???"
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    run_dir: str = "runs/${name}"
+    resume: str = "auto"  # auto | none | path to a checkpoint directory
+    method: Any = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+_CHOICES = {
+    "data.mode": ("finite", "resampled"),
+    "optim.name": ("lars", "adamw", "sgd"),
+    "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "engine.precision": ("fp32", "bf16"),
+    "engine.backend": ("auto", "nccl", "gloo"),
+    "engine.zero_stage": (0, 1, 2),
+    "train.on_nonfinite": ("skip", "stop"),
+    "logging.wandb_mode": ("online", "offline", "disabled"),
+}
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe name from `recipes/` or a path to a YAML file."""
+    candidate = Path(recipe)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"recipe file not found: {recipe}")
+        return candidate
+    named = RECIPES_DIR / f"{recipe}.yaml"
+    if not named.is_file():
+        raise ConfigError(f"unknown recipe '{recipe}'; known: {', '.join(list_recipes())}")
+    return named
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML recipe, resolving `inherits: OTHER` (a recipe name) recursively."""
+    if path in seen:
+        raise ConfigError(f"recipe inheritance loops through {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping")
+    parent = raw.pop("inherits", None)
+    if parent is None:
+        return raw
+    base = _read_recipe(recipe_path(parent), seen + (path,))
+    return OmegaConf.to_container(OmegaConf.merge(base, raw))  # type: ignore[return-value]
+
+
+def _method_schema(name: str) -> Any:
+    from sslforge.methods import method_config_class
+
+    try:
+        return method_config_class(name)
+    except KeyError as exc:
+        raise ConfigError(f"method.name: {exc.args[0]}") from None
+
+
+def load_config(recipe: str, overrides: list[str] | None = None) -> DictConfig:
+    """Recipe + overrides merged onto the typed schema, validated; raises ConfigError."""
+    raw = _read_recipe(recipe_path(recipe))
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides or []))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad override: {exc}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    method_name = OmegaConf.select(dotlist, "method.name") or (raw.get("method") or {}).get("name")
+    if not method_name:
+        raise ConfigError("method.name is missing from the recipe")
+    schema = OmegaConf.structured(Config(method=_method_schema(method_name)()))
+    try:
+        cfg = OmegaConf.merge(schema, raw, dotlist)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in str(exc) or "Key '" in msg and "not in" in msg:
+        return f"unknown config key '{key}'"
+    return f"invalid value for '{key}': {msg}" if key else msg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the schema cannot express: choices, ranges, required combinations."""
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"invalid value for '{key}': {value!r}; expected one of {allowed}")
+    missing = [k for k in ("data.train",) if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise ConfigError(f"missing required config key '{missing[0]}'")
+    positive = ["optim.batch_size", "train.epochs", "data.image_size", "train.keep_last",
+                "train.ckpt_every_steps", "train.log_every_steps"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"invalid value for '{key}': must be > 0")
+    if cfg.train.steps is not None and cfg.train.steps <= 0:
+        raise ConfigError("invalid value for 'train.steps': must be > 0")
+    if cfg.data.mode == "resampled" and not cfg.data.samples_per_epoch:
+        raise ConfigError("'data.samples_per_epoch' is required when data.mode=resampled")
+    if cfg.data.num_workers < 0:
+        raise ConfigError("invalid value for 'data.num_workers': must be >= 0")
+    if cfg.optim.name == "lars" and cfg.engine.zero_stage > 0:
+        raise ConfigError("invalid value for 'engine.zero_stage': LARS's layer-wise trust ratio needs "
+                          "whole parameters, which ZeRO stage 1/2 flattens; use 0 or optim.name=adamw")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("invalid value for 'optim.betas': expected two numbers")
+    for i, view in enumerate(cfg.data.views):
+        if len(view.scale) != 2 or not 0 < view.scale[0] <= view.scale[1] <= 1:
+            raise ConfigError(f"invalid value for 'data.views.{i}.scale': expected 0 < lo <= hi <= 1")
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+
+
+def load_resolved(path: Path) -> DictConfig:
+    """A run directory's saved config (already validated), typed again for attribute access."""
+    raw = OmegaConf.load(path)
+    schema = OmegaConf.structured(Config(method=_method_schema(raw.method.name)()))
+    return OmegaConf.merge(schema, raw)  # type: ignore[return-value]
+

@@ -1,0 +1,122 @@
+"""Collectives that keep the global-batch semantics of a loss.
+
+The defining property of sslforge: N ranks with B/N samples each give the same loss and
+gradients as one rank with B samples. The helpers here are what makes that true: a gather whose
+backward returns to each rank the gradient of its own samples, and reductions that are no-ops on
+a single process so losses stay usable outside a distributed job.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and keeps this rank's slice.
+
+    Each rank's loss uses every rank's samples, so the gradient of a sample is the sum of the
+    gradients all ranks computed for it. With DDP averaging parameter gradients afterwards, the
+    result equals the single-process gradient of the global mean loss.
+    (torch.distributed.nn.all_gather's backward needs reduce_scatter, which gloo lacks.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.batch = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.batch
+        return grad[start:start + ctx.batch]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (same shape on every rank) over ranks, rank order, gradients kept."""
+    if not is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate over ranks for state that is not trained through (queues, kNN banks)."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs between ranks (eval features)."""
+    if not is_distributed():
+        return tensor
+    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    counts = [torch.empty_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)], dim=0)
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks; backward sums the gradients (every rank's loss uses the total)."""
+    if not is_distributed():
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+@torch.no_grad()
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (logged metrics, centres); returns a new tensor."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (counters); returns a new tensor."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+@torch.no_grad()
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when it is true on at least one: decisions all ranks must share."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

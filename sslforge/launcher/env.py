@@ -1,0 +1,71 @@
+"""Which rank am I? torchrun's variables, SLURM's (srun), or a lone process.
+
+Every launch path ends here: torchrun and submitit export RANK/WORLD_SIZE/LOCAL_RANK/
+MASTER_ADDR/MASTER_PORT; a bare `srun sslforge train` gets them from SLURM through submitit's
+helper; a single process gets a loopback rendezvous of its own.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_external_launcher() -> bool:
+    """True when torchrun, submitit or srun with several tasks started this process."""
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_rank_variables() -> None:
+    """Fill torch.distributed's variables from SLURM, or for a single local process."""
+    if all(v in os.environ for v in TORCH_VARS):
+        return
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def init_distributed(backend: str = "auto", timeout_min: int = 60) -> DistEnv:
+    """Initialise the process group (through DeepSpeed, which the engine needs) for this rank."""
+    import deepspeed
+    import torch.distributed as dist
+
+    export_rank_variables()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=chosen, timeout=timedelta(minutes=timeout_min),
+                                   verbose=False)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, chosen)

@@ -1,0 +1,60 @@
+"""The method contract: what every method declares and what the trainer may call.
+
+A method owns its networks, its loss and its state (queues, prototypes, centres, teachers);
+the trainer knows nothing method-specific. Non-trained state lives in buffers or in modules
+whose parameters do not require grad, so it is saved in checkpoints but never optimised.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from sslforge.config import MethodConfig, ViewConfig
+
+
+class Method(nn.Module):
+    """Base class; subclasses set `config_class` and implement `views` and `training_step`."""
+
+    config_class: type[MethodConfig] = MethodConfig
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    @classmethod
+    def views(cls, cfg: DictConfig) -> list[ViewConfig]:
+        """The crops the data pipeline must deliver, in the order `training_step` expects."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """The engine calls the module, so forward is the training step."""
+        return self.training_step(batch, step)
+
+    def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """Returns {"loss": scalar, **metrics}; metrics are detached scalars or (B, d) tensors."""
+        raise NotImplementedError
+
+    def encoder(self) -> nn.Module:
+        """The network that is evaluated and exported."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters, optionally split with keys the trainer understands:
+        `no_decay` (no weight decay, no LARS adaptation) and `freeze_steps` (lr held at 0
+        for the first steps; under ZeRO-2 `p.grad` is None after backward, so freezing is done
+        through the learning rate, not by zeroing gradients)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def fp32_modules(self) -> list[nn.Module]:
+        """Modules kept in float32 whatever the engine's precision (EMA teachers)."""
+        return []
+
+    def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """EMA teacher update, queue push, prototype normalisation, ..."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Whole-dataset work such as PCL's clustering."""
+
