@@ -34,6 +34,7 @@ class Monitor:
         self.wandb_id = wandb_id
         if not is_main:
             return
+        run_dir.mkdir(parents=True, exist_ok=True)
         mode = _wandb_mode(cfg.logging.wandb_mode)
         if mode != "disabled":
             import wandb

@@ -1,0 +1,43 @@
+"""One full SimCLR training step: 2 gloo ranks with B/2 each == 1 rank with B.
+
+Covers the gathered negatives, the global batch norm, DeepSpeed's gradient averaging and the
+LARS update: loss, every parameter gradient and every updated parameter must agree.
+"""
+from __future__ import annotations
+
+import torch
+
+from sslforge import distributed
+from sslforge.launcher.env import init_distributed
+from sslforge.trainer.loop import Trainer
+from tests.dist_harness import run_ranks
+from tests.trainer_fixtures import FixedLoader, global_batch, local_slice, tiny_config
+
+BATCH = 8
+
+
+def _one_step(run_dir: str, world: int) -> dict:
+    cfg = tiny_config(run_dir, f"optim.batch_size={BATCH}", "train.steps=1")
+    env = init_distributed("gloo")
+    batch = local_slice(global_batch(BATCH), distributed.rank(), world)
+    trainer = Trainer(cfg, env, loader=FixedLoader([batch]))
+    out, finite = trainer.forward_backward(batch)
+    grads = {n: p.grad.detach().clone() for n, p in trainer.method.named_parameters()}
+    trainer.engine.step()
+    params = {n: p.detach().clone() for n, p in trainer.method.named_parameters()}
+    loss = distributed.all_reduce_mean(out["loss"].detach()).item()
+    return {"loss": loss, "finite": finite, "grads": grads, "params": params}
+
+
+def test_one_step_two_ranks_equal_one_rank(tmp_path) -> None:
+    (single,) = run_ranks(_one_step, 1, str(tmp_path / "one"), 1)
+    pair = run_ranks(_one_step, 2, str(tmp_path / "two"), 2)
+    assert single["finite"] and pair[0]["finite"]
+    assert abs(pair[0]["loss"] - single["loss"]) < 1e-5
+    assert pair[0]["loss"] == pair[1]["loss"]
+    assert single["grads"].keys() == pair[0]["grads"].keys()
+    for name, grad in single["grads"].items():
+        assert torch.allclose(pair[0]["grads"][name], grad, atol=1e-5, rtol=0), name
+        assert torch.equal(pair[0]["grads"][name], pair[1]["grads"][name]), name
+        assert torch.allclose(pair[0]["params"][name], single["params"][name], atol=1e-5, rtol=0), name
+    assert any(g.abs().sum() > 0 for g in single["grads"].values())

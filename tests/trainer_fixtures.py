@@ -1,0 +1,47 @@
+"""Small configs and in-memory batches for trainer tests."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from sslforge.config import load_config
+
+TINY = ["model.backbone=resnet10", "data.image_size=16", "model.proj_hidden_dim=32",
+        "model.proj_output_dim=16", "logging.wandb_mode=disabled", "logging.progress=false",
+        "data.num_workers=0", "eval.every_epochs=0", "data.val=null"]
+
+
+def tiny_config(run_dir: Path | str, *overrides: str, recipe: str = "simclr_synth") -> DictConfig:
+    return load_config(recipe, [*TINY, f"run_dir={run_dir}", *overrides])
+
+
+def global_batch(batch_size: int, image_size: int = 16, views: int = 2, seed: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {"views": [torch.randn(batch_size, 3, image_size, image_size, generator=g) for _ in range(views)],
+            "label": torch.arange(batch_size), "index": torch.arange(batch_size), "skipped": 0}
+
+
+def local_slice(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    b = len(batch["index"]) // world
+    part = slice(rank * b, (rank + 1) * b)
+    return {"views": [v[part] for v in batch["views"]], "label": batch["label"][part],
+            "index": batch["index"][part], "skipped": 0}
+
+
+class FixedLoader:
+    """Stands in for ShardLoader: the same batches every epoch."""
+
+    def __init__(self, batches: list[dict[str, Any]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.skip = skip_batches
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.batches[self.skip:])
