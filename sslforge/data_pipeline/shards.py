@@ -1,0 +1,168 @@
+"""Webdataset shards: expanding specs to paths, counting samples, writing shards.
+
+Shards follow the img2dataset layout (`KEY.jpg|png|webp`, optional `KEY.cls`, `KEY.txt`,
+`KEY.json`). Sample counts come from `sizes.json` (OpenCLIP convention) when present, because
+reading every tar header of a large dataset at start-up is slow.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from collections import Counter
+from typing import Iterable
+
+import braceexpand
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from sslforge.data_pipeline import DataError
+
+log = logging.getLogger("sslforge.data")
+
+SIZES_FILE = "sizes.json"
+CLASSES_FILE = "classes.json"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Members webdataset's tar iterator skips (`__meta__` files); they are not samples.
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Paths of the shards named by `spec`: brace patterns, directories, `::`-joined lists."""
+    if not spec or not spec.strip():
+        raise DataError("empty shard specification")
+    paths: list[str] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise DataError(f"no .tar shards in directory: {part}")
+            paths.extend(found)
+            continue
+        expanded = list(braceexpand.braceexpand(part))
+        missing = [p for p in expanded if not os.path.isfile(p)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"shard not found: {missing[0]}{more}")
+        paths.extend(expanded)
+    return paths
+
+
+def sample_key(member_name: str) -> str | None:
+    """The sample key of a tar member, or None for members that are not sample files."""
+    if _META.match(member_name):
+        return None
+    return base_plus_ext(member_name)[0]
+
+
+def _count_samples(path: str) -> int:
+    """Consecutive runs of one key, as webdataset's grouping sees them; headers only."""
+    count, previous = 0, None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key = sample_key(member.name) if member.isreg() else None
+                if key is not None and key != previous:
+                    count, previous = count + 1, key
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"cannot read shard {path}: {exc}") from None
+    return count
+
+
+def shard_sizes(shards: list[str]) -> list[int]:
+    """Samples per shard, from `sizes.json` next to the shard when listed, else from headers."""
+    listed: dict[str, dict[str, int]] = {}
+    sizes = []
+    for path in shards:
+        if not os.path.isfile(path):
+            raise DataError(f"shard not found: {path}")
+        directory, name = os.path.split(path)
+        if directory not in listed:
+            listed[directory] = _read_sizes(directory)
+        size = listed[directory].get(name)
+        sizes.append(int(size) if size is not None else _count_samples(path))
+    return sizes
+
+
+def _read_sizes(directory: str) -> dict[str, int]:
+    path = os.path.join(directory or ".", SIZES_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            sizes = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"unreadable {path}: {exc}") from None
+    if not isinstance(sizes, dict):
+        raise DataError(f"{path} must map shard names to sample counts")
+    return sizes
+
+
+def _write_json(path: str, obj: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def write_shards(samples: Iterable[dict], out_dir: str, prefix: str = "shard",
+                 max_per_shard: int = 10000) -> list[str]:
+    """Write webdataset-layout sample dicts to `{prefix}-{i:06d}.tar`; updates `sizes.json`."""
+    if max_per_shard <= 0:
+        raise ValueError("max_per_shard must be > 0")
+    os.makedirs(out_dir, exist_ok=True)
+    pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
+    counts: Counter[str] = Counter()
+    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0) as writer:
+        for sample in samples:
+            writer.write(sample)
+            counts[writer.fname] += 1
+    paths = sorted(counts)
+    if not paths:
+        os.remove(pattern % 0)  # ShardWriter opens its first shard eagerly
+        raise DataError(f"no samples to write to {out_dir}")
+    sizes = _read_sizes(out_dir)
+    sizes.update({os.path.basename(p): n for p, n in counts.items()})
+    _write_json(os.path.join(out_dir, SIZES_FILE), sizes)
+    return paths
+
+
+def imagefolder_to_shards(src: str, out: str, max_per_shard: int) -> list[str]:
+    """An ImageFolder tree (sorted class dirs -> labels) to shards, keeping encoded bytes.
+
+    Files are written in a fixed shuffled order so each shard mixes classes and a small
+    shuffle buffer is enough when streaming.
+    """
+    if not os.path.isdir(src):
+        raise DataError(f"image folder not found: {src}")
+    classes = sorted(d.name for d in os.scandir(src) if d.is_dir())
+    files, ignored = [], 0
+    for label, name in enumerate(classes):
+        for root, _, names in sorted(os.walk(os.path.join(src, name))):
+            for fname in sorted(names):
+                ext = fname.rsplit(".", 1)[-1].lower() if "." in fname else ""
+                if ext in IMAGE_EXTS:
+                    files.append((os.path.join(root, fname), "jpg" if ext == "jpeg" else ext, label))
+                else:
+                    ignored += 1
+    if not files:
+        raise DataError(f"no images (.jpg/.jpeg/.png/.webp) in class folders of {src}")
+    if ignored:
+        log.warning("imagefolder_to_shards: ignored %d non-image files under %s", ignored, src)
+    random.Random(0).shuffle(files)
+
+    def samples() -> Iterable[dict]:
+        for i, (path, ext, label) in enumerate(files):
+            with open(path, "rb") as f:
+                data = f.read()
+            meta = {"path": os.path.relpath(path, src), "class": classes[label]}
+            yield {"__key__": f"{i:09d}", ext: data, "cls": label, "json": meta}
+
+    paths = write_shards(samples(), out, max_per_shard=max_per_shard)
+    _write_json(os.path.join(out, CLASSES_FILE), {name: i for i, name in enumerate(classes)})
+    return paths
