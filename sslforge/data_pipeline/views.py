@@ -45,16 +45,24 @@ def _view_pipeline(view: Any) -> v2.Compose:
     return v2.Compose(ops)
 
 
+class MultiViewTransform:
+    """One normalised float tensor per crop, views expanded by their `count`, in order.
+
+    A class rather than a closure so it pickles into spawned DataLoader workers.
+    """
+
+    def __init__(self, views: Sequence[Any]) -> None:
+        if not views:
+            raise ValueError("at least one view is required")
+        self.pipelines = [_view_pipeline(v) for v in views for _ in range(v.count)]
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        return [pipeline(image) for pipeline in self.pipelines]
+
+
 def build_view_transform(views: Sequence[Any]) -> Callable[[Image.Image], list[torch.Tensor]]:
-    """One normalised float tensor per crop, views expanded by their `count`, in order."""
-    if not views:
-        raise ValueError("at least one view is required")
-    pipelines = [_view_pipeline(v) for v in views for _ in range(v.count)]
-
-    def transform(image: Image.Image) -> list[torch.Tensor]:
-        return [pipeline(image) for pipeline in pipelines]
-
-    return transform
+    """The multi-crop transform for `views` (ViewConfig-like objects)."""
+    return MultiViewTransform(views)
 
 
 def build_eval_transform(image_size: int) -> v2.Compose:

@@ -1,0 +1,437 @@
+"""Streaming shard reader: per-rank, per-worker split, shuffle, decode, augment, collate.
+
+Every (rank, DataLoader worker) pair is a *slot*; a slot's stream of samples is planned from
+(seed, epoch, slot) and the shard sizes alone, so it never depends on what other slots read:
+
+- finite mode (DistributedSampler's contract): the epoch's shard order is shuffled; the
+  concatenation is padded by wrapping to `L * num_slots` samples, `L` a multiple of the batch
+  size, and slot s reads [s*L, (s+1)*L). Every rank gets the same number of full batches.
+- resampled mode: each slot draws shards with replacement until it has `L` samples.
+
+The shuffle buffer's permutation is a function of the stream length and its RNG only, so it is
+computed up front: resuming after k batches skips the samples those batches used without
+reading their bytes, and the rest of the epoch is bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from sslforge.data_pipeline import DataError
+from sslforge.data_pipeline.shards import IMAGE_EXTS, sample_key, shard_sizes
+
+log = logging.getLogger("sslforge.data")
+
+# Independent random streams derived from (seed, epoch, slot, purpose).
+_SHARD_ORDER, _RESAMPLE, _SHUFFLE, _AUGMENT = range(4)
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in keys])
+
+
+def _torch_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------- planning
+
+class _Segment(NamedTuple):
+    """`count` consecutive samples of one shard, from sample `start` of that shard."""
+
+    shard: int
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """Shard paths, their sizes and the global index of each shard's first sample."""
+
+    shards: Sequence[str]
+    sizes: Sequence[int]
+
+    @classmethod
+    def open(cls, shards: Sequence[str]) -> "_Dataset":
+        """Checks every path in the calling (main) process; DataError names a missing one."""
+        if not shards:
+            raise DataError("no shards given")
+        dataset = cls(list(shards), shard_sizes(list(shards)))
+        if dataset.total == 0:
+            raise DataError(f"shards hold no samples: {shards[0]} ...")
+        return dataset
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @cached_property
+    def offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.sizes)[:-1].tolist()]
+
+
+def _range_segments(sizes: Sequence[int], order: Sequence[int], start: int,
+                    length: int) -> list[_Segment]:
+    """Samples [start, start+length) of the shards concatenated in `order`, wrapping around."""
+    ends = np.cumsum([sizes[i] for i in order]).tolist()
+    total, position, segments = ends[-1], start % ends[-1], []
+    while length > 0:
+        k = bisect_right(ends, position)
+        within = position - (ends[k] - sizes[order[k]])
+        take = min(length, sizes[order[k]] - within)
+        segments.append(_Segment(order[k], within, take))
+        position, length = (position + take) % total, length - take
+    return segments
+
+
+def _resampled_segments(sizes: Sequence[int], rng: np.random.Generator,
+                        length: int) -> list[_Segment]:
+    """Whole shards drawn with replacement until `length` samples (the last one cut short)."""
+    nonempty = [i for i, n in enumerate(sizes) if n > 0]
+    segments = []
+    while length > 0:
+        shard = nonempty[rng.integers(len(nonempty))]
+        take = min(length, sizes[shard])
+        segments.append(_Segment(shard, 0, take))
+        length -= take
+    return segments
+
+
+def _buffer_shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Output position -> input position of a `buffer`-sized shuffle buffer over n items.
+
+    Output j always comes from input < j + buffer, so streaming it holds <= buffer samples.
+    """
+    if buffer <= 1 or n <= 1:
+        return np.arange(n)
+    buffer = min(buffer, n)
+    held = list(range(buffer))
+    out = np.empty(n, dtype=np.int64)
+    for j, (q, pick) in enumerate(zip(range(buffer, n), rng.integers(buffer, size=n - buffer))):
+        out[j], held[pick] = held[pick], q
+    rng.shuffle(held)
+    out[n - buffer:] = held
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+class _Raw(NamedTuple):
+    """One undecoded sample; `fields` is None when its shard could not deliver it."""
+
+    index: int
+    key: str
+    shard: str
+    fields: dict[str, Any] | None
+
+
+class _EndOfRange(Exception):
+    """Raised by the member selector to stop reading a shard past the last wanted sample."""
+
+
+def _stop_at_end_of_range(exn: Exception) -> bool:
+    """webdataset error handler: `False` ends the tar iteration quietly; real errors propagate."""
+    if isinstance(exn, _EndOfRange):
+        return False
+    raise exn
+
+
+def _read_segment(data: _Dataset, segment: _Segment, wanted: np.ndarray) -> Iterator[_Raw]:
+    """The samples at `wanted` offsets (sorted, within the segment), skipping the others'
+    bytes; if the shard ends early or breaks, the missing ones come back without fields."""
+    path = data.shards[segment.shard]
+    ordinals = (segment.start + wanted).tolist()
+    base = data.offsets[segment.shard]
+    chosen, last = set(ordinals), ordinals[-1]
+    state = {"key": None, "ordinal": -1}
+
+    def select(name: str) -> bool:
+        key = sample_key(name)
+        if key is None:
+            return False
+        if key != state["key"]:
+            state["key"], state["ordinal"] = key, state["ordinal"] + 1
+        if state["ordinal"] > last:
+            raise _EndOfRange()
+        return state["ordinal"] in chosen
+
+    delivered = 0
+    try:
+        samples = tarfile_samples([{"url": path}], handler=_stop_at_end_of_range,
+                                  select_files=select)
+        for ordinal, fields in zip(ordinals, samples):
+            yield _Raw(base + ordinal, fields["__key__"], path, fields)
+            delivered += 1
+        if delivered < len(ordinals):
+            log.warning("shard %s ended after %d samples; expected at least %d",
+                        path, state["ordinal"] + 1, last + 1)
+    except Exception as exc:  # a broken shard must not stop training: its samples are skipped
+        log.warning("shard %s unreadable after %d wanted samples: %s", path, delivered, exc)
+    for ordinal in ordinals[delivered:]:
+        yield _Raw(base + ordinal, f"#{ordinal}", path, None)
+
+
+def _read_positions(data: _Dataset, segments: Sequence[_Segment],
+                    needed: np.ndarray) -> Iterator[tuple[int, _Raw]]:
+    """(stream position, sample) for the needed positions of the stream `segments` describe."""
+    position = 0
+    for segment in segments:
+        wanted = np.flatnonzero(needed[position:position + segment.count])
+        if len(wanted):
+            for offset, raw in zip(wanted.tolist(), _read_segment(data, segment, wanted)):
+                yield position + offset, raw
+        position += segment.count
+
+
+def _decode(raw: _Raw) -> tuple[Image.Image | None, int]:
+    """(RGB image or None if missing/corrupt, label or -1); a bad sample is logged once."""
+    label = -1
+    if raw.fields is None:
+        log.warning("skipping sample %s of shard %s: not readable", raw.key, raw.shard)
+        return None, label
+    if "cls" in raw.fields:
+        try:
+            label = int(raw.fields["cls"])
+        except ValueError:
+            log.warning("sample %s of shard %s: bad .cls %r", raw.key, raw.shard, raw.fields["cls"])
+    encoded = next((raw.fields[e] for e in IMAGE_EXTS if e in raw.fields), None)
+    if encoded is None:
+        log.warning("skipping sample %s of shard %s: no image", raw.key, raw.shard)
+        return None, label
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            return image.convert("RGB"), label
+    except Exception as exc:  # PIL raises many types for corrupt data
+        log.warning("skipping corrupt sample %s of shard %s: %s", raw.key, raw.shard, exc)
+        return None, label
+
+
+# ----------------------------------------------------------------------------- training stream
+
+class _Item(NamedTuple):
+    position: int  # in the slot's post-shuffle stream; keys the augmentation RNG
+    index: int
+    image: Image.Image | None
+    label: int
+
+
+class _Lookahead:
+    """An iterator of decoded items that can search ahead for the next good image."""
+
+    def __init__(self, items: Iterator[_Item]) -> None:
+        self.items, self.ahead = items, deque()
+
+    def take(self, n: int) -> list[_Item]:
+        out = [self.ahead.popleft() for _ in range(min(n, len(self.ahead)))]
+        out += [item for _, item in zip(range(n - len(out)), self.items)]  # range first: no item lost
+        return out
+
+    def next_good(self) -> _Item | None:
+        for item in self.ahead:
+            if item.image is not None:
+                return item
+        for item in self.items:
+            self.ahead.append(item)
+            if item.image is not None:
+                return item
+        return None
+
+
+def _replacements(batch: list[_Item], ahead: _Lookahead, last_good: _Item | None) -> list[_Item]:
+    """Each bad item becomes the previous good one of its batch, else the next good one of the
+    slot stream, else the slot's last good one. Only the last rule looks before the batch, so
+    a resumed epoch replaces exactly as an uninterrupted one unless nothing good follows."""
+    out: list[_Item] = []
+    previous = None
+    for i, item in enumerate(batch):
+        if item.image is not None:
+            previous = item
+            out.append(item)
+            continue
+        source = previous or next((b for b in batch[i + 1:] if b.image is not None), None)
+        source = source or ahead.next_good() or last_good
+        if source is None:
+            raise DataError("no decodable image in this worker's share of the shards")
+        out.append(source._replace(position=item.position))
+    return out
+
+
+@dataclass
+class _Plan:
+    """What one slot reads in one epoch: segments, their length and the shuffle permutation."""
+
+    segments: list[_Segment]
+    order: np.ndarray  # output position -> input position
+
+
+class _TrainStream(IterableDataset):
+    """Yields this worker's collated batches; state (epoch, skip) is set before iteration."""
+
+    def __init__(self, data: _Dataset, batch_size: int, transform: Callable, mode: str,
+                 batches_per_slot: int, shuffle_buffer: int, workers: int, seed: int,
+                 rank: int, world_size: int) -> None:
+        self.data, self.batch_size, self.transform, self.mode = data, batch_size, transform, mode
+        self.batches_per_slot, self.shuffle_buffer = batches_per_slot, shuffle_buffer
+        self.workers, self.seed, self.rank, self.world_size = workers, seed, rank, world_size
+        self.epoch, self.skip_batches = 0, 0
+
+    @property
+    def slot_length(self) -> int:
+        return self.batches_per_slot * self.batch_size
+
+    def plan(self, epoch: int, slot: int) -> _Plan:
+        length = self.slot_length
+        if self.mode == "finite":
+            order = _rng(self.seed, epoch, _SHARD_ORDER).permutation(len(self.data.shards))
+            segments = _range_segments(self.data.sizes, order, slot * length, length)
+        else:
+            segments = _resampled_segments(
+                self.data.sizes, _rng(self.seed, epoch, slot, _RESAMPLE), length)
+        shuffle = _buffer_shuffle_order(length, self.shuffle_buffer,
+                                        _rng(self.seed, epoch, slot, _SHUFFLE))
+        return _Plan(segments, shuffle)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        # DataLoader hands batch j to worker j % W; after skipping k batches the first batch
+        # must come from the worker that produced batch k, so roles rotate by k.
+        logical = (physical + self.skip_batches) % self.workers
+        done = (self.skip_batches - logical + self.workers - 1) // self.workers
+        slot = self.rank * self.workers + logical
+        yield from self._batches(self.epoch, slot, done * self.batch_size)
+
+    def _batches(self, epoch: int, slot: int, skip: int) -> Iterator[dict[str, Any]]:
+        plan = self.plan(epoch, slot)
+        needed = np.zeros(self.slot_length, dtype=bool)
+        needed[plan.order[skip:]] = True
+        ahead = _Lookahead(self._items(plan, needed, skip))
+        last_good = None
+        while batch := ahead.take(self.batch_size):
+            items = _replacements(batch, ahead, last_good)
+            last_good = items[-1]
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+                views = []
+                for item in items:
+                    torch.manual_seed(_torch_seed(self.seed, epoch, slot, _AUGMENT, item.position))
+                    views.append(self.transform(item.image))
+            yield {
+                "views": [torch.stack(crops) for crops in zip(*views)],
+                "label": torch.tensor([item.label for item in items], dtype=torch.long),
+                "index": torch.tensor([item.index for item in items], dtype=torch.long),
+                "skipped": sum(item.image is None for item in batch),
+            }
+
+    def _items(self, plan: _Plan, needed: np.ndarray, skip: int) -> Iterator[_Item]:
+        """Decoded samples in shuffled order from output position `skip` on; holds at most
+        a shuffle buffer's worth of undecoded samples."""
+        reader = _read_positions(self.data, plan.segments, needed)
+        held: dict[int, _Raw] = {}
+        for position in range(skip, len(plan.order)):
+            wanted = int(plan.order[position])
+            while wanted not in held:
+                at, raw = next(reader)
+                held[at] = raw
+            raw = held.pop(wanted)
+            yield _Item(position, raw.index, *_decode(raw))
+
+
+class ShardLoader:
+    """Batches of augmented views for one rank; same batch count on every rank, every epoch."""
+
+    def __init__(self, shards: list[str], batch_size: int, transform: Callable, *,
+                 mode: str = "finite", samples_per_epoch: int | None = None,
+                 shuffle_buffer: int = 1000, num_workers: int = 2, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if mode not in ("finite", "resampled"):
+            raise ValueError(f"mode must be 'finite' or 'resampled', not {mode!r}")
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or num_workers < 0:
+            raise ValueError(f"bad loader geometry: batch_size={batch_size}, rank={rank}, "
+                             f"world_size={world_size}, num_workers={num_workers}")
+        if mode == "resampled" and not samples_per_epoch:
+            raise ValueError("samples_per_epoch is required in resampled mode")
+        data = _Dataset.open(shards)
+        workers = max(num_workers, 1)
+        slots = world_size * workers
+        if mode == "finite":
+            per_slot = math.ceil(data.total / (slots * batch_size))
+            self.repeats_per_epoch = per_slot * batch_size * slots - data.total
+        else:
+            per_slot = math.ceil(samples_per_epoch / (slots * batch_size))
+            self.repeats_per_epoch = 0  # sampling with replacement: repeats are random
+        self.num_workers = num_workers
+        self._stream = _TrainStream(data, batch_size, transform, mode, per_slot, shuffle_buffer,
+                                    workers, seed, rank, world_size)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Start `epoch`, resuming after `skip_batches` batches this rank already consumed."""
+        if not 0 <= skip_batches <= len(self):
+            raise ValueError(f"skip_batches={skip_batches} outside [0, {len(self)}]")
+        self._stream.epoch, self._stream.skip_batches = epoch, skip_batches
+
+    def __len__(self) -> int:
+        return self._stream.workers * self._stream.batches_per_slot
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from DataLoader(self._stream, batch_size=None, num_workers=self.num_workers)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class _EvalStream(IterableDataset):
+    """Contiguous share of the un-shuffled samples per (rank, worker); bad samples dropped."""
+
+    def __init__(self, data: _Dataset, transform: Callable, batch_size: int, rank: int,
+                 world_size: int) -> None:
+        self.data, self.transform, self.batch_size = data, transform, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        total = self.data.total
+        lo, hi = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
+        lo, hi = lo + (hi - lo) * worker // workers, lo + (hi - lo) * (worker + 1) // workers
+        if hi == lo:
+            return
+        order = range(len(self.data.shards))
+        segments = _range_segments(self.data.sizes, order, lo, hi - lo)
+        good: list[tuple[torch.Tensor, int, int]] = []
+        skipped = 0
+        for _, raw in _read_positions(self.data, segments, np.ones(hi - lo, dtype=bool)):
+            image, label = _decode(raw)
+            if image is None:
+                skipped += 1
+                continue
+            good.append((self.transform(image), label, raw.index))
+            if len(good) == self.batch_size:
+                yield self._collate(good, skipped)
+                good, skipped = [], 0
+        if good:
+            yield self._collate(good, skipped)
+
+    @staticmethod
+    def _collate(good: list[tuple[torch.Tensor, int, int]], skipped: int) -> dict[str, Any]:
+        images, labels, indices = zip(*good)
+        return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
+                "index": torch.tensor(indices, dtype=torch.long), "skipped": skipped}
+
+
+def eval_batches(shards: list[str], transform: Callable, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0) -> Iterator[dict[str, Any]]:
+    """Every sample once over all ranks, unpadded and in shard order (ranks' counts may
+    differ by one; gather by `index`). Paths are checked now, not in a worker."""
+    stream = _EvalStream(_Dataset.open(shards), transform, batch_size, rank, world_size)
+    return iter(DataLoader(stream, batch_size=None, num_workers=num_workers))
