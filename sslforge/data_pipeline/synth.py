@@ -1,0 +1,124 @@
+"""A built-in, procedurally drawn dataset for demos and tests: which shape is drawn.
+
+The label is the shape; everything else is a nuisance chosen to defeat raw-pixel nearest
+neighbours (position, scale, rotation, foreground colour, background colour and texture), so
+kNN accuracy on learned features, not on pixels, tells whether pretraining learned anything.
+Each image is drawn from its own RNG keyed by (seed, split, index): deterministic and
+independent of how many images are written.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from sslforge.data_pipeline.shards import CLASSES_FILE, SIZES_FILE, write_shards
+
+Mask = Callable[[np.ndarray, np.ndarray], np.ndarray]
+_SQRT3 = 3 ** 0.5
+
+
+def _polar(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.hypot(u, v), np.arctan2(v, u)
+
+
+# Shapes in local coordinates: roughly the unit disc, centred, upright.
+SHAPES: dict[str, Mask] = {
+    "circle": lambda u, v: u * u + v * v < 1,
+    "square": lambda u, v: np.maximum(abs(u), abs(v)) < 0.8,
+    "triangle": lambda u, v: (v > -0.5) & (_SQRT3 * abs(u) + v < 1),
+    "cross": lambda u, v: ((abs(u) < 0.28) & (abs(v) < 1)) | ((abs(v) < 0.28) & (abs(u) < 1)),
+    "star": lambda u, v: _polar(u, v)[0] < 0.55 + 0.45 * np.cos(5 * _polar(u, v)[1]),
+    "ring": lambda u, v: (_polar(u, v)[0] > 0.6) & (_polar(u, v)[0] < 1),
+    "bar_pair": lambda u, v: (abs(u) > 0.25) & (abs(u) < 0.65) & (abs(v) < 0.95),
+    "arrow": lambda u, v: (((abs(v) < 0.2) & (u > -1) & (u < 0.15))
+                          | ((u >= 0.1) & (u < 1) & (abs(v) < 0.8 * (1 - u)))),
+    "crescent": lambda u, v: (u * u + v * v < 1) & ((u - 0.45) ** 2 + v * v > 0.56),
+    "ell": lambda u, v: (((u > -0.8) & (u < -0.3) & (abs(v) < 0.9))
+                        | ((v > 0.4) & (v < 0.9) & (u > -0.8) & (u < 0.7))),
+}
+CLASSES = list(SHAPES)
+_SUPERSAMPLE = 2  # draw at 2x and average down: anti-aliased edges
+
+
+def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A base colour modulated towards a second colour by stripes, a checker or blotches."""
+    side = x.shape[0]
+    angle = rng.uniform(0, np.pi)
+    along = x * np.cos(angle) + y * np.sin(angle)
+    across = -x * np.sin(angle) + y * np.cos(angle)
+    freq = rng.uniform(2, 8)
+    kind = rng.integers(3)
+    if kind == 0:
+        t = 0.5 + 0.5 * np.sin(np.pi * freq * along + rng.uniform(0, 2 * np.pi))
+    elif kind == 1:
+        t = ((np.floor(freq * along) + np.floor(freq * across)) % 2).astype(np.float32)
+    else:
+        cells = rng.random((int(freq) + 1, int(freq) + 1)).astype(np.float32)
+        t = np.asarray(Image.fromarray(cells, mode="F").resize((side, side), Image.BILINEAR))
+    base = rng.random(3)
+    other = np.clip(base + rng.normal(0, 0.35, 3), 0, 1)
+    return base + (other - base) * t[..., None]
+
+
+def _foreground(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """A colour far enough from the mean background that the shape stays visible."""
+    mean = background.reshape(-1, 3).mean(0)
+    while True:
+        colour = rng.random(3)
+        if np.linalg.norm(colour - mean) > 0.45:
+            return colour
+
+
+def draw(label: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """One HxWx3 uint8 image of shape CLASSES[label] with random nuisances."""
+    side = image_size * _SUPERSAMPLE
+    coords = (np.arange(side, dtype=np.float32) + 0.5) / side * 2 - 1
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    background = _background(rng, x, y)
+    scale = rng.uniform(0.3, 0.55)
+    cx, cy = rng.uniform(-0.9 + scale, 0.9 - scale, 2)
+    theta = rng.uniform(0, 2 * np.pi)
+    u = (np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)) / scale
+    v = (-np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)) / scale
+    alpha = SHAPES[CLASSES[label]](u, v).astype(np.float32)[..., None]
+    image = background * (1 - alpha) + _foreground(rng, background) * alpha
+    image = image.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE, 3).mean((1, 3))
+    return (image * 255 + 0.5).astype(np.uint8)
+
+
+def _samples(split: int, n: int, image_size: int, seed: int) -> Iterator[dict]:
+    """Balanced labels in a seeded random order, PNG-encoded."""
+    labels = _rng(seed, split).permutation(np.arange(n) % len(CLASSES))
+    for i, label in enumerate(labels.tolist()):
+        buffer = io.BytesIO()
+        Image.fromarray(draw(label, image_size, _rng(seed, split, i))).save(buffer, "PNG")
+        yield {"__key__": f"{i:08d}", "png": buffer.getvalue(), "cls": label}
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(list(keys))
+
+
+def write_synthetic(out_dir: str, n_train: int = 10000, n_val: int = 2000, image_size: int = 32,
+                    seed: int = 0, max_per_shard: int = 2000) -> dict[str, str]:
+    """Write `out_dir/train/*.tar` and `out_dir/val/*.tar`; returns the two directories."""
+    dirs = {}
+    for split, (name, n) in enumerate((("train", n_train), ("val", n_val))):
+        directory = os.path.join(out_dir, name)
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(directory, f"{name}-*.tar")) + [
+                os.path.join(directory, SIZES_FILE)]:
+            if os.path.exists(stale):  # a smaller rerun must not leave old shards behind
+                os.remove(stale)
+        write_shards(_samples(split, n, image_size, seed), directory, prefix=name,
+                     max_per_shard=max_per_shard)
+        with open(os.path.join(directory, CLASSES_FILE), "w") as f:
+            json.dump({c: i for i, c in enumerate(CLASSES)}, f, indent=1)
+        dirs[name] = directory
+    return dirs
