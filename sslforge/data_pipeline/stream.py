@@ -385,7 +385,15 @@ class ShardLoader:
         return self._stream.workers * self._stream.batches_per_slot
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        yield from DataLoader(self._stream, batch_size=None, num_workers=self.num_workers)
+        yield from _loader(self._stream, self.num_workers)
+
+
+def _loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+    """Batches come collated from the stream. The DataLoader draws its workers' base seed from
+    a private generator: all randomness here is seeded per sample, and the caller's global
+    RNG must not advance because data was loaded."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(0))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -434,4 +442,4 @@ def eval_batches(shards: list[str], transform: Callable, batch_size: int, rank: 
     """Every sample once over all ranks, unpadded and in shard order (ranks' counts may
     differ by one; gather by `index`). Paths are checked now, not in a worker."""
     stream = _EvalStream(_Dataset.open(shards), transform, batch_size, rank, world_size)
-    return iter(DataLoader(stream, batch_size=None, num_workers=num_workers))
+    return iter(_loader(stream, num_workers))

@@ -1,0 +1,90 @@
+"""Multi-crop view transforms and the evaluation transform."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from sslforge.config import ViewConfig
+from sslforge.data_pipeline.views import (IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size,
+                                          build_eval_transform, build_view_transform)
+
+NO_OPS = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
+def _image(size: int = 40) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8))
+
+
+def _unnormalise(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+
+
+def _op_types(view: ViewConfig) -> set[type]:
+    transform = build_view_transform([view])
+    ops = set()
+    for op in transform.pipelines[0].transforms:
+        ops.add(type(op))
+        ops.update(type(t) for t in getattr(op, "transforms", []))
+    return ops
+
+
+def test_shapes_and_counts_per_view():
+    views = [ViewConfig(size=24, count=2), ViewConfig(size=12, count=3, solarize_p=0.2)]
+    crops = build_view_transform(views)(_image())
+    assert [tuple(c.shape) for c in crops] == [(3, 24, 24)] * 2 + [(3, 12, 12)] * 3
+    assert all(c.dtype == torch.float32 for c in crops)
+    assert not torch.equal(crops[0], crops[1])  # two independent crops of one image
+
+
+def test_deterministic_under_a_fixed_seed():
+    transform = build_view_transform([ViewConfig(size=16, count=2, solarize_p=0.5)])
+    image = _image()
+    torch.manual_seed(3)
+    first = transform(image)
+    torch.manual_seed(3)
+    second = transform(image)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_ops_with_zero_probability_are_left_out():
+    assert _op_types(ViewConfig(size=16, **NO_OPS)) & {
+        v2.RandomHorizontalFlip, v2.ColorJitter, v2.RandomGrayscale, v2.GaussianBlur,
+        v2.RandomSolarize} == set()
+    full = _op_types(ViewConfig(size=16, flip_p=0.5, jitter_p=0.8, grayscale_p=0.2,
+                                blur_p=0.5, solarize_p=0.2))
+    assert {v2.RandomHorizontalFlip, v2.ColorJitter, v2.RandomGrayscale, v2.GaussianBlur,
+            v2.RandomSolarize} <= full
+
+
+def test_grayscale_makes_channels_equal():
+    crops = build_view_transform([ViewConfig(size=16, count=4, **{**NO_OPS, "grayscale_p": 1.0})])(
+        _image())
+    for crop in crops:
+        rgb = _unnormalise(crop)
+        assert torch.allclose(rgb[0], rgb[1], atol=1e-5) and torch.allclose(rgb[1], rgb[2], atol=1e-5)
+    colour = _unnormalise(build_view_transform([ViewConfig(size=16, **NO_OPS)])(_image())[0])
+    assert not torch.allclose(colour[0], colour[1], atol=1e-2)
+
+
+def test_solarize_only_when_enabled():
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    plain = _unnormalise(build_view_transform([ViewConfig(size=8, **NO_OPS)])(white)[0])
+    solarized = _unnormalise(build_view_transform(
+        [ViewConfig(size=8, **{**NO_OPS, "solarize_p": 1.0})])(white)[0])
+    assert torch.allclose(plain, torch.ones_like(plain), atol=1e-5)
+    assert torch.allclose(solarized, torch.zeros_like(solarized), atol=1e-5)
+
+
+def test_blur_kernel_is_about_ten_percent_and_odd():
+    assert [blur_kernel_size(s) for s in (16, 32, 96, 224)] == [3, 3, 9, 23]
+
+
+def test_eval_transform_resizes_and_centre_crops():
+    assert tuple(build_eval_transform(32)(_image(50)).shape) == (3, 32, 32)
+    big = Image.new("RGB", (300, 260), (255, 0, 0))
+    out = _unnormalise(build_eval_transform(224)(big))
+    assert tuple(out.shape) == (3, 224, 224)
+    assert torch.allclose(out[:, 100, 100], torch.tensor([1.0, 0.0, 0.0]), atol=1e-3)
