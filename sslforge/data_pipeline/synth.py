@@ -108,6 +108,8 @@ def _rng(*keys: int) -> np.random.Generator:
 def write_synthetic(out_dir: str, n_train: int = 10000, n_val: int = 2000, image_size: int = 32,
                     seed: int = 0, max_per_shard: int = 2000) -> dict[str, str]:
     """Write `out_dir/train/*.tar` and `out_dir/val/*.tar`; returns the two directories."""
+    if n_train <= 0 or n_val <= 0 or image_size <= 0:
+        raise ValueError("n_train, n_val and image_size must be > 0")
     dirs = {}
     for split, (name, n) in enumerate((("train", n_train), ("val", n_val))):
         directory = os.path.join(out_dir, name)
