@@ -87,3 +87,9 @@ def test_imagefolder_missing_or_empty(tmp_path, make):
     make(tmp_path / "src")
     with pytest.raises(DataError, match="src"):
         imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "out"), 10)
+
+
+def test_write_shards_without_samples_raises(tmp_path):
+    with pytest.raises(DataError, match="no samples"):
+        write_shards(iter(()), str(tmp_path))
+    assert list(tmp_path.iterdir()) == []

@@ -110,6 +110,19 @@ def test_corrupt_sample_is_replaced_counted_and_logged(tmp_path, caplog):
     assert any("s00010" in m and "p2-000000.tar" in m for m in messages)
 
 
+def test_resume_with_corrupt_samples_is_identical(tmp_path):
+    shards = write_uneven(tmp_path, SIZES, corrupt=frozenset(range(0, N, 4)))
+    loader = ShardLoader(shards, 3, build_view_transform(small_views()), num_workers=2,
+                         shuffle_buffer=5, rank=0, world_size=2)
+    full = list(loader)
+    assert sum(b["skipped"] for b in full) > 0
+    loader.set_epoch(0, skip_batches=3)
+    for resumed, original in zip(list(loader), full[3:], strict=True):
+        assert torch.equal(resumed["index"], original["index"])
+        assert resumed["skipped"] == original["skipped"]
+        assert all(torch.equal(a, b) for a, b in zip(resumed["views"], original["views"]))
+
+
 def test_iterating_in_process_leaves_the_global_rng_alone(shards):
     loader = ShardLoader(shards, 4, build_view_transform(small_views()), num_workers=0)
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from sslforge.data_pipeline import DataError
 from sslforge.data_pipeline.shards import CLASSES_FILE, SIZES_FILE, write_shards
 
 Mask = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -109,7 +110,8 @@ def write_synthetic(out_dir: str, n_train: int = 10000, n_val: int = 2000, image
                     seed: int = 0, max_per_shard: int = 2000) -> dict[str, str]:
     """Write `out_dir/train/*.tar` and `out_dir/val/*.tar`; returns the two directories."""
     if n_train <= 0 or n_val <= 0 or image_size <= 0:
-        raise ValueError("n_train, n_val and image_size must be > 0")
+        raise DataError(f"synthetic data needs n_train, n_val, image_size > 0; got "
+                        f"{n_train}, {n_val}, {image_size}")
     dirs = {}
     for split, (name, n) in enumerate((("train", n_train), ("val", n_val))):
         directory = os.path.join(out_dir, name)
