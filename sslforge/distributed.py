@@ -80,13 +80,27 @@ def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)], dim=0)
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks; every rank's loss uses the total, so the backward sums gradients too."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks; backward sums the gradients (every rank's loss uses the total)."""
+    """Sum over ranks, differentiable (global batch statistics)."""
     if not is_distributed():
         return tensor
-    import torch.distributed.nn.functional as dist_fn
-
-    return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return _AllReduceSumWithGrad.apply(tensor)
 
 
 @torch.no_grad()

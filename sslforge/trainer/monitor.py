@@ -16,7 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 def _wandb_mode(requested: str) -> str:
-    """`online` falls back to offline when no credentials exist, rather than prompting."""
+    """`disabled` wins; WANDB_MODE overrides the rest; `online` without credentials falls back
+    to offline rather than prompting."""
+    if requested == "disabled":
+        return requested
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     if requested == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
