@@ -147,7 +147,8 @@ def imagefolder_to_shards(src: str, out: str, max_per_shard: int) -> list[str]:
             for fname in sorted(names):
                 ext = fname.rsplit(".", 1)[-1].lower() if "." in fname else ""
                 if ext in IMAGE_EXTS:
-                    files.append((os.path.join(root, fname), "jpg" if ext == "jpeg" else ext, label))
+                    ext = "jpg" if ext == "jpeg" else ext
+                    files.append((os.path.join(root, fname), ext, label))
                 else:
                     ignored += 1
     if not files:

@@ -235,7 +235,8 @@ class _Lookahead:
 
     def take(self, n: int) -> list[_Item]:
         out = [self.ahead.popleft() for _ in range(min(n, len(self.ahead)))]
-        out += [item for _, item in zip(range(n - len(out)), self.items)]  # range first: no item lost
+        # range first, so zip never pulls an item it then drops
+        out += [item for _, item in zip(range(n - len(out)), self.items)]
         return out
 
     def next_good(self) -> _Item | None:
