@@ -61,7 +61,7 @@ write_config() {
     cat > "$CONF.tmp" <<EOF
 $MARKER
 ClusterName=sslforge
-SlurmctldHost=$(hostname -s)
+SlurmctldHost=$(hostname -s)(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -90,7 +90,8 @@ JobRequeue=1
 MinJobAge=3600
 KillWait=30
 InactiveLimit=0
-$hw RealMemory=$mem State=UNKNOWN
+# Loopback addresses: a container's hostname need not resolve.
+$hw NodeAddr=127.0.0.1 RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$CONF.tmp" "$CONF"

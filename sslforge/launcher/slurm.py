@@ -245,7 +245,12 @@ def launch(cfg: DictConfig, *, dry_run: bool = False, wait: bool = False) -> int
     sys.stdout.flush()
     if not wait:
         return 0
-    final = slurm_state.wait(job.job_id, report=_report)
+    try:
+        final = slurm_state.wait(job.job_id, report=_report)
+    except KeyboardInterrupt:
+        print(f"sslforge: stopped waiting; job {job.job_id} keeps running (scancel {job.job_id} cancels it)",
+              file=sys.stderr)
+        return 130
     return final.exit_status
 
 

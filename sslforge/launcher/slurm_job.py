@@ -51,6 +51,7 @@ class SlurmTrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         from sslforge.config import load_resolved
+        from sslforge.launcher.worker import EXIT_PREEMPTED
         from sslforge.trainer import run
 
         if restart_count() > self.max_requeues:
@@ -70,8 +71,9 @@ class SlurmTrainTask(submitit.helpers.Checkpointable):
         if requeue.signalled and dist_env.rank == 0:
             requeue()  # checkpoint() + `scontrol requeue` + exit; raises when not requeued
         # Leave without a result pickle (SystemExit is not caught by submitit): the run is not
-        # over, and exiting 0 keeps an srun with --kill-on-bad-exit from killing rank 0 mid-requeue.
-        sys.exit(0)
+        # over. The other ranks got the signal too and exit 0, so an srun with --kill-on-bad-exit
+        # cannot kill rank 0 mid-requeue; stopped without a requeue (SIGTERM), say so.
+        sys.exit(0 if requeue.signalled else EXIT_PREEMPTED)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[DelayedSubmission]:
         """Called by submitit on rank 0 after the training checkpoint is on disk: requeue as is,
