@@ -176,7 +176,20 @@ def recipe_path(recipe: str) -> Path:
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads an unquoted `72:00:00` as the base-60 integer 259200; in a recipe it is
+    a SLURM time, so such scalars stay strings."""
+
+
+def _int_or_time(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
+    value = loader.construct_scalar(node)
+    return value if ":" in str(value) else loader.construct_yaml_int(node)
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _int_or_time)
 
 
 def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -184,7 +197,7 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise ConfigError(f"recipe inheritance loops through {path}")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = yaml.load(f, Loader=_RecipeLoader) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping")
     parent = raw.pop("inherits", None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import signal
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
@@ -392,11 +393,17 @@ class ShardLoader:
         yield from _loader(self._stream, self.num_workers)
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """SIGTERM (preemption, scancel, requeue) is for the training process, which checkpoints
+    the current step and exits; a worker dying first would turn that into a crash."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(stream: IterableDataset, num_workers: int) -> DataLoader:
     """Batches come collated from the stream. The DataLoader draws its workers' base seed from
     a private generator: all randomness here is seeded per sample, and the caller's global
     RNG must not advance because data was loaded."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_ignore_sigterm,
                       generator=torch.Generator().manual_seed(0))
 
 
