@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 
-def sslforge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def sslforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sslforge.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize("override, named", [

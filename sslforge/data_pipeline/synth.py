@@ -8,6 +8,7 @@ independent of how many images are written.
 """
 from __future__ import annotations
 
+import colorsys
 import glob
 import io
 import json
@@ -47,33 +48,32 @@ CLASSES = list(SHAPES)
 _SUPERSAMPLE = 2  # draw at 2x and average down: anti-aliased edges
 
 
-def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """A base colour modulated towards a second colour by stripes, a checker or blotches."""
+def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Background and shape colours: one random hue per image (neighbours in pixel space share a
+    hue, not a shape), the shape darker or lighter than the background. Colour jitter with a
+    full hue range removes it, so it is no shortcut for contrastive learning."""
+    hue, saturation = rng.random(), rng.uniform(0.45, 0.9)
+    light, dark = colorsys.hsv_to_rgb(hue, saturation, 0.9), colorsys.hsv_to_rgb(hue, saturation, 0.35)
+    return (np.array(light), np.array(dark)) if rng.random() < 0.5 else (np.array(dark), np.array(light))
+
+
+def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """`base` modulated by low-contrast stripes, a checker or blotches. Few texture settings,
+    so texture is no instance signature for contrastive learning to latch onto."""
     side = x.shape[0]
-    angle = rng.uniform(0, np.pi)
+    angle = rng.integers(4) * np.pi / 4
     along = x * np.cos(angle) + y * np.sin(angle)
     across = -x * np.sin(angle) + y * np.cos(angle)
-    freq = rng.uniform(2, 8)
+    freq = float(rng.choice([3.0, 6.0]))
     kind = rng.integers(3)
     if kind == 0:
-        t = 0.5 + 0.5 * np.sin(np.pi * freq * along + rng.uniform(0, 2 * np.pi))
+        t = 0.5 + 0.5 * np.sin(np.pi * freq * along)
     elif kind == 1:
         t = ((np.floor(freq * along) + np.floor(freq * across)) % 2).astype(np.float32)
     else:
         cells = rng.random((int(freq) + 1, int(freq) + 1)).astype(np.float32)
         t = np.asarray(Image.fromarray(cells, mode="F").resize((side, side), Image.BILINEAR))
-    base = rng.random(3)
-    other = np.clip(base + rng.normal(0, 0.35, 3), 0, 1)
-    return base + (other - base) * t[..., None]
-
-
-def _foreground(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
-    """A colour far enough from the mean background that the shape stays visible."""
-    mean = background.reshape(-1, 3).mean(0)
-    while True:
-        colour = rng.random(3)
-        if np.linalg.norm(colour - mean) > 0.45:
-            return colour
+    return base * (0.85 + 0.2 * t[..., None])
 
 
 def draw(label: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -81,14 +81,15 @@ def draw(label: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
     side = image_size * _SUPERSAMPLE
     coords = (np.arange(side, dtype=np.float32) + 0.5) / side * 2 - 1
     y, x = np.meshgrid(coords, coords, indexing="ij")
-    background = _background(rng, x, y)
-    scale = rng.uniform(0.3, 0.55)
-    cx, cy = rng.uniform(-0.9 + scale, 0.9 - scale, 2)
-    theta = rng.uniform(0, 2 * np.pi)
+    bg, fg = _colours(rng)
+    background = np.clip(_background(rng, x, y, bg), 0, 1)
+    scale = rng.uniform(0.45, 0.75)  # the shape must survive SimCLR's random crops
+    cx, cy = rng.uniform(-0.95 + scale, 0.95 - scale, 2)
+    theta = rng.uniform(-0.35, 0.35)  # upright, give or take 20 degrees
     u = (np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)) / scale
     v = (-np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)) / scale
     alpha = SHAPES[CLASSES[label]](u, v).astype(np.float32)[..., None]
-    image = background * (1 - alpha) + _foreground(rng, background) * alpha
+    image = background * (1 - alpha) + fg * alpha
     image = image.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE, 3).mean((1, 3))
     return (image * 255 + 0.5).astype(np.uint8)
 

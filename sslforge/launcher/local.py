@@ -5,6 +5,7 @@ crashed rank never leaves the job hanging.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,4 +15,5 @@ def launch_local(config_path: Path, nproc: int) -> int:
     """Run `nproc` ranks of the worker on this machine; returns torchrun's exit status."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--max-restarts=0", "-m", "sslforge.launcher.worker", str(config_path)]
-    return subprocess.call(cmd)
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))  # share the cores, do not oversubscribe
+    return subprocess.call(cmd, env={"OMP_NUM_THREADS": threads, **os.environ})
