@@ -90,8 +90,8 @@ def preflight(cfg) -> None:  # type: ignore[no-untyped-def]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sslforge.launcher.env import under_external_launcher
-    from sslforge.launcher.worker import main as worker_main
+    from sslforge.launcher.env import launched_rank, under_external_launcher
+    from sslforge.launcher.worker import run_rank
 
     cfg = load_config(args.recipe, args.overrides)
     if args.nproc < 1:
@@ -101,9 +101,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                           f"by --nproc {args.nproc}")
     preflight(cfg)
     config_path = Path(cfg.run_dir) / "config.yaml"
+    if under_external_launcher():  # this process is one rank of a torchrun/srun job
+        if launched_rank() == 0:
+            save_config(cfg, config_path)
+        return run_rank(cfg)
     save_config(cfg, config_path)
-    if under_external_launcher() or args.nproc == 1:
-        return worker_main([str(config_path)])
+    if args.nproc == 1:
+        return run_rank(cfg)
     from sslforge.launcher.local import launch_local
 
     return launch_local(config_path, args.nproc)

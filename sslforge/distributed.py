@@ -23,6 +23,12 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return parts
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient and keeps this rank's slice.
 
@@ -35,9 +41,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.batch = tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
+        return torch.cat(_all_gather(tensor), dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -55,28 +59,15 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate over ranks for state that is not trained through (queues, kNN banks)."""
-    if not is_distributed():
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-@torch.no_grad()
 def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors whose first dimension differs between ranks (eval features)."""
     if not is_distributed():
         return tensor
-    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
-    counts = [torch.empty_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
+    counts = _all_gather(torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device))
     longest = int(max(c.item() for c in counts))
     padded = tensor.new_zeros((longest, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
+    parts = _all_gather(padded)
     return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)], dim=0)
 
 
@@ -106,11 +97,7 @@ def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (logged metrics, centres); returns a new tensor."""
-    out = tensor.detach().clone()
-    if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
-    return out
+    return all_reduce_sum(tensor) / world_size()
 
 
 @torch.no_grad()

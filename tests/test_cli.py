@@ -19,7 +19,7 @@ def sslforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     ("optim.name=rmsprop", "optim.name"),
     ("train.epochs=many", "train.epochs"),
     ("data.mode=streaming", "data.mode"),
-    ("engine.zero_stage=2", "engine.zero_stage"),
+    ("engine.zero_stage=3", "engine.zero_stage"),
     ("method.temprature=0.5", "method.temprature"),
 ])
 def test_config_errors_name_the_key_and_start_nothing(tmp_path: Path, override: str, named: str) -> None:
@@ -29,6 +29,11 @@ def test_config_errors_name_the_key_and_start_nothing(tmp_path: Path, override: 
     assert named in result.stderr
     assert result.stderr.startswith("sslforge: error:") and len(result.stderr.strip().splitlines()) == 1
     assert not run_dir.exists()
+
+
+def test_lars_refuses_zero_partitioning(tmp_path: Path) -> None:
+    result = sslforge("train", "simclr_synth", "optim.name=lars", "engine.zero_stage=2", f"run_dir={tmp_path}")
+    assert result.returncode == 2 and "engine.zero_stage" in result.stderr and "LARS" in result.stderr
 
 
 def test_unknown_recipe_lists_known_ones() -> None:

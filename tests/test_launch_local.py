@@ -20,6 +20,16 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
+    """The rank processes under the launcher (not their data workers, which inherit RANK)."""
+    ranks: dict[int, psutil.Process] = {}
+    for proc in psutil.Process(launcher_pid).children(recursive=True):
+        rank = proc.environ().get("RANK")
+        if rank is not None and proc.parent().environ().get("RANK") is None:
+            ranks[int(rank)] = proc
+    return ranks
+
+
 def test_two_local_ranks_train_log_and_checkpoint(synth_data: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = sslforge("train", "simclr_synth", f"data.train={synth_data['train']}",
@@ -49,9 +59,8 @@ def test_a_dead_rank_ends_the_job(synth_data: dict, tmp_path: Path) -> None:
     while not _records(run_dir) and time.time() < deadline:
         time.sleep(0.5)
     assert _records(run_dir), "training never started"
-    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-               if "sslforge.launcher.worker" in " ".join(p.cmdline())]
-    assert len(workers) == 2
+    workers = _rank_processes(launcher.pid)
+    assert sorted(workers) == [0, 1]
     workers[1].kill()
     killed_at = time.time()
     try:
@@ -60,4 +69,15 @@ def test_a_dead_rank_ends_the_job(synth_data: dict, tmp_path: Path) -> None:
         launcher.kill()
     assert code != 0
     assert time.time() - killed_at < 120
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
+
+
+def test_runs_as_one_rank_under_external_torchrun(synth_data: dict, tmp_path: Path) -> None:
+    """`torchrun ... -m sslforge.cli train` : every process is one rank of the same job."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "sslforge.cli", "train", "simclr_synth", f"data.train={synth_data['train']}", "data.val=null",
+           f"run_dir={run_dir}", "train.steps=2", "eval.every_epochs=0", "logging.wandb_mode=disabled", *SMALL]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["world_size"] for r in _records(run_dir) if "loss" in r] == [2, 2]

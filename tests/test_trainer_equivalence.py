@@ -17,7 +17,9 @@ BATCH = 8
 
 
 def _one_step(run_dir: str, world: int) -> dict:
-    cfg = tiny_config(run_dir, f"optim.batch_size={BATCH}", "train.steps=1")
+    # LARS, as in the published recipe (Adam's first step is sign(g): it would amplify
+    # float rounding in near-zero gradients into parameter differences of size lr)
+    cfg = tiny_config(run_dir, f"optim.batch_size={BATCH}", "train.steps=1", "optim.name=lars")
     env = init_distributed("gloo")
     batch = local_slice(global_batch(BATCH), distributed.rank(), world)
     trainer = Trainer(cfg, env, loader=FixedLoader([batch]))

@@ -4,15 +4,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to resume
 
 
-def main(argv: list[str] | None = None) -> int:
-    from sslforge.config import load_resolved
+def run_rank(cfg: DictConfig) -> int:
+    """Train as this process's rank; returns the exit status."""
     from sslforge.trainer.loop import NonFiniteLossError, run
 
-    args = argv if argv is not None else sys.argv[1:]
-    cfg = load_resolved(Path(args[0]))
     try:
         result = run(cfg)
     except NonFiniteLossError as exc:
@@ -23,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
               "run the same command again to resume", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sslforge.config import load_resolved
+
+    args = argv if argv is not None else sys.argv[1:]
+    return run_rank(load_resolved(Path(args[0])))
 
 
 if __name__ == "__main__":
