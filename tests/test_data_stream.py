@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sslforge.data_pipeline import DataError
-from sslforge.data_pipeline.stream import ShardLoader, eval_batches
+from sslforge.data_pipeline.eval_stream import eval_batches
+from sslforge.data_pipeline.stream import ShardLoader
 from sslforge.data_pipeline.views import build_view_transform
 from tests.data_helpers import png_colour, raw_pixels, small_views, write_uneven
 

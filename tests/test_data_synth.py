@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from sslforge.data_pipeline.shards import expand_shards, shard_sizes
-from sslforge.data_pipeline.stream import eval_batches
+from sslforge.data_pipeline.eval_stream import eval_batches
 from sslforge.data_pipeline.synth import CLASSES, write_synthetic
 
 

@@ -18,10 +18,8 @@ import io
 import logging
 import math
 import signal
-from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -31,7 +29,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from sslforge.data_pipeline import DataError
-from sslforge.data_pipeline.shards import IMAGE_EXTS, sample_key, shard_sizes
+from sslforge.data_pipeline.planning import (Segment, ShardSet, buffer_shuffle_order, range_segments,
+                                             resampled_segments)
+from sslforge.data_pipeline.shards import IMAGE_EXTS, sample_key
 
 log = logging.getLogger("sslforge.data")
 
@@ -45,86 +45,6 @@ def _rng(*keys: int) -> np.random.Generator:
 
 def _torch_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
-
-
-# ----------------------------------------------------------------------------- planning
-
-class _Segment(NamedTuple):
-    """`count` consecutive samples of one shard, from sample `start` of that shard."""
-
-    shard: int
-    start: int
-    count: int
-
-
-@dataclass(frozen=True)
-class _Dataset:
-    """Shard paths, their sizes and the global index of each shard's first sample."""
-
-    shards: Sequence[str]
-    sizes: Sequence[int]
-
-    @classmethod
-    def open(cls, shards: Sequence[str]) -> "_Dataset":
-        """Checks every path in the calling (main) process; DataError names a missing one."""
-        if not shards:
-            raise DataError("no shards given")
-        dataset = cls(list(shards), shard_sizes(list(shards)))
-        if dataset.total == 0:
-            raise DataError(f"shards hold no samples: {shards[0]} ...")
-        return dataset
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-    @cached_property
-    def offsets(self) -> list[int]:
-        return [0, *np.cumsum(self.sizes)[:-1].tolist()]
-
-
-def _range_segments(sizes: Sequence[int], order: Sequence[int], start: int,
-                    length: int) -> list[_Segment]:
-    """Samples [start, start+length) of the shards concatenated in `order`, wrapping around."""
-    ends = np.cumsum([sizes[i] for i in order]).tolist()
-    total, position, segments = ends[-1], start % ends[-1], []
-    while length > 0:
-        k = bisect_right(ends, position)
-        within = position - (ends[k] - sizes[order[k]])
-        take = min(length, sizes[order[k]] - within)
-        segments.append(_Segment(order[k], within, take))
-        position, length = (position + take) % total, length - take
-    return segments
-
-
-def _resampled_segments(sizes: Sequence[int], rng: np.random.Generator,
-                        length: int) -> list[_Segment]:
-    """Whole shards drawn with replacement until `length` samples (the last one cut short)."""
-    nonempty = [i for i, n in enumerate(sizes) if n > 0]
-    segments = []
-    while length > 0:
-        shard = nonempty[rng.integers(len(nonempty))]
-        take = min(length, sizes[shard])
-        segments.append(_Segment(shard, 0, take))
-        length -= take
-    return segments
-
-
-def _buffer_shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
-    """Output position -> input position of a `buffer`-sized shuffle buffer over n items.
-
-    Output j always comes from input < j + buffer, so streaming it holds <= buffer samples.
-    """
-    if buffer <= 1 or n <= 1:
-        return np.arange(n)
-    buffer = min(buffer, n)
-    held = list(range(buffer))
-    out = np.empty(n, dtype=np.int64)
-    for j, (q, pick) in enumerate(zip(range(buffer, n), rng.integers(buffer, size=n - buffer))):
-        out[j], held[pick] = held[pick], q
-    rng.shuffle(held)
-    out[n - buffer:] = held
-    return out
 
 
 # ----------------------------------------------------------------------------- reading
@@ -149,7 +69,7 @@ def _stop_at_end_of_range(exn: Exception) -> bool:
     raise exn
 
 
-def _read_segment(data: _Dataset, segment: _Segment, wanted: np.ndarray) -> Iterator[_Raw]:
+def _read_segment(data: ShardSet, segment: Segment, wanted: np.ndarray) -> Iterator[_Raw]:
     """The samples at `wanted` offsets (sorted, within the segment), skipping the others'
     bytes; if the shard ends early or breaks, the missing ones come back without fields."""
     path = data.shards[segment.shard]
@@ -184,7 +104,7 @@ def _read_segment(data: _Dataset, segment: _Segment, wanted: np.ndarray) -> Iter
         yield _Raw(base + ordinal, f"#{ordinal}", path, None)
 
 
-def _read_positions(data: _Dataset, segments: Sequence[_Segment],
+def read_positions(data: ShardSet, segments: Sequence[Segment],
                     needed: np.ndarray) -> Iterator[tuple[int, _Raw]]:
     """(stream position, sample) for the needed positions of the stream `segments` describe."""
     position = 0
@@ -196,7 +116,7 @@ def _read_positions(data: _Dataset, segments: Sequence[_Segment],
         position += segment.count
 
 
-def _decode(raw: _Raw) -> tuple[Image.Image | None, int]:
+def decode_sample(raw: _Raw) -> tuple[Image.Image | None, int]:
     """(RGB image or None if missing/corrupt, label or -1); a bad sample is logged once."""
     label = -1
     if raw.fields is None:
@@ -274,14 +194,14 @@ def _replacements(batch: list[_Item], ahead: _Lookahead, last_good: _Item | None
 class _Plan:
     """What one slot reads in one epoch: segments, their length and the shuffle permutation."""
 
-    segments: list[_Segment]
+    segments: list[Segment]
     order: np.ndarray  # output position -> input position
 
 
 class _TrainStream(IterableDataset):
     """Yields this worker's collated batches; state (epoch, skip) is set before iteration."""
 
-    def __init__(self, data: _Dataset, batch_size: int, transform: Callable, mode: str,
+    def __init__(self, data: ShardSet, batch_size: int, transform: Callable, mode: str,
                  batches_per_slot: int, shuffle_buffer: int, workers: int, seed: int,
                  rank: int, world_size: int) -> None:
         self.data, self.batch_size, self.transform, self.mode = data, batch_size, transform, mode
@@ -297,11 +217,11 @@ class _TrainStream(IterableDataset):
         length = self.slot_length
         if self.mode == "finite":
             order = _rng(self.seed, epoch, _SHARD_ORDER).permutation(len(self.data.shards))
-            segments = _range_segments(self.data.sizes, order, slot * length, length)
+            segments = range_segments(self.data.sizes, order, slot * length, length)
         else:
-            segments = _resampled_segments(
+            segments = resampled_segments(
                 self.data.sizes, _rng(self.seed, epoch, slot, _RESAMPLE), length)
-        shuffle = _buffer_shuffle_order(length, self.shuffle_buffer,
+        shuffle = buffer_shuffle_order(length, self.shuffle_buffer,
                                         _rng(self.seed, epoch, slot, _SHUFFLE))
         return _Plan(segments, shuffle)
 
@@ -342,7 +262,7 @@ class _TrainStream(IterableDataset):
     def _items(self, plan: _Plan, needed: np.ndarray, skip: int) -> Iterator[_Item]:
         """Decoded samples in shuffled order from output position `skip` on; holds at most
         a shuffle buffer's worth of undecoded samples."""
-        reader = _read_positions(self.data, plan.segments, needed)
+        reader = read_positions(self.data, plan.segments, needed)
         held: dict[int, _Raw] = {}
         for position in range(skip, len(plan.order)):
             wanted = int(plan.order[position])
@@ -350,7 +270,7 @@ class _TrainStream(IterableDataset):
                 at, raw = next(reader)
                 held[at] = raw
             raw = held.pop(wanted)
-            yield _Item(position, raw.index, *_decode(raw))
+            yield _Item(position, raw.index, *decode_sample(raw))
 
 
 class ShardLoader:
@@ -367,7 +287,7 @@ class ShardLoader:
                              f"world_size={world_size}, num_workers={num_workers}")
         if mode == "resampled" and not samples_per_epoch:
             raise ValueError("samples_per_epoch is required in resampled mode")
-        data = _Dataset.open(shards)
+        data = ShardSet.open(shards)
         workers = max(num_workers, 1)
         slots = world_size * workers
         if mode == "finite":
@@ -390,7 +310,7 @@ class ShardLoader:
         return self._stream.workers * self._stream.batches_per_slot
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        yield from _loader(self._stream, self.num_workers)
+        yield from make_loader(self._stream, self.num_workers)
 
 
 def _ignore_sigterm(worker_id: int) -> None:
@@ -399,58 +319,9 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
     """Batches come collated from the stream. The DataLoader draws its workers' base seed from
     a private generator: all randomness here is seeded per sample, and the caller's global
     RNG must not advance because data was loaded."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_ignore_sigterm,
                       generator=torch.Generator().manual_seed(0))
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-class _EvalStream(IterableDataset):
-    """Contiguous share of the un-shuffled samples per (rank, worker); bad samples dropped."""
-
-    def __init__(self, data: _Dataset, transform: Callable, batch_size: int, rank: int,
-                 world_size: int) -> None:
-        self.data, self.transform, self.batch_size = data, transform, batch_size
-        self.rank, self.world_size = rank, world_size
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        total = self.data.total
-        lo, hi = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
-        lo, hi = lo + (hi - lo) * worker // workers, lo + (hi - lo) * (worker + 1) // workers
-        if hi == lo:
-            return
-        order = range(len(self.data.shards))
-        segments = _range_segments(self.data.sizes, order, lo, hi - lo)
-        good: list[tuple[torch.Tensor, int, int]] = []
-        skipped = 0
-        for _, raw in _read_positions(self.data, segments, np.ones(hi - lo, dtype=bool)):
-            image, label = _decode(raw)
-            if image is None:
-                skipped += 1
-                continue
-            good.append((self.transform(image), label, raw.index))
-            if len(good) == self.batch_size:
-                yield self._collate(good, skipped)
-                good, skipped = [], 0
-        if good:
-            yield self._collate(good, skipped)
-
-    @staticmethod
-    def _collate(good: list[tuple[torch.Tensor, int, int]], skipped: int) -> dict[str, Any]:
-        images, labels, indices = zip(*good)
-        return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
-                "index": torch.tensor(indices, dtype=torch.long), "skipped": skipped}
-
-
-def eval_batches(shards: list[str], transform: Callable, batch_size: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0) -> Iterator[dict[str, Any]]:
-    """Every sample once over all ranks, unpadded and in shard order (ranks' counts may
-    differ by one; gather by `index`). Paths are checked now, not in a worker."""
-    stream = _EvalStream(_Dataset.open(shards), transform, batch_size, rank, world_size)
-    return iter(_loader(stream, num_workers))

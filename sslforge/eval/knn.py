@@ -22,7 +22,7 @@ def extract_features(encoder: nn.Module, shards_spec: str, image_size: int, batc
                      env: DistEnv, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of every sample exactly once, ordered by sample index, on all ranks."""
     from sslforge.data_pipeline.shards import expand_shards
-    from sslforge.data_pipeline.stream import eval_batches
+    from sslforge.data_pipeline.eval_stream import eval_batches
     from sslforge.data_pipeline.views import build_eval_transform
 
     was_training = encoder.training

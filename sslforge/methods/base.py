@@ -6,6 +6,7 @@ whose parameters do not require grad, so it is saved in checkpoints but never op
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from omegaconf import DictConfig
 from sslforge.config import MethodConfig, ViewConfig
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=ABCMeta):
     """Base class; subclasses set `config_class` and implement `views` and `training_step`."""
 
     config_class: type[MethodConfig] = MethodConfig
@@ -25,21 +26,22 @@ class Method(nn.Module):
         self.cfg = cfg
 
     @classmethod
+    @abstractmethod
     def views(cls, cfg: DictConfig) -> list[ViewConfig]:
         """The crops the data pipeline must deliver, in the order `training_step` expects."""
-        raise NotImplementedError
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         """The engine calls the module, so forward is the training step."""
         return self.training_step(batch, step)
 
+    @abstractmethod
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        """Returns {"loss": scalar, **metrics}; metrics are detached scalars or (B, d) tensors."""
-        raise NotImplementedError
+        """Returns {"loss": scalar, **metrics}: detached scalars, and `embedding` (B, d), the
+        encoder output whose spread is logged as the collapse signal."""
 
+    @abstractmethod
     def encoder(self) -> nn.Module:
         """The network that is evaluated and exported."""
-        raise NotImplementedError
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters, optionally split with keys the trainer understands:
