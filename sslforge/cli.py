@@ -35,7 +35,6 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--slurm", action="store_true", required=True, help="submit to SLURM")
     launch.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     launch.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
-    launch.add_argument("--status", metavar="RUN_DIR", help=argparse.SUPPRESS)
 
     jobs = sub.add_parser("jobs", help="state of a run's SLURM jobs and where their logs are")
     jobs.add_argument("run_dir")
@@ -116,8 +115,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from sslforge.launcher import slurm
 
-    if args.status:
-        return slurm.status(args.status)
     cfg = load_config(args.recipe, args.overrides)
     return slurm.launch(cfg, dry_run=args.dry_run, wait=args.wait)
 

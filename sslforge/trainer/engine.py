@@ -43,4 +43,4 @@ def build_engine(method: Method, optimizer: torch.optim.Optimizer, cfg: DictConf
 def set_learning_rates(engine: deepspeed.DeepSpeedEngine, lr: float, step: int) -> None:
     """Schedule value for every group; groups still inside `freeze_steps` get 0."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = 0.0 if step < group.get("freeze_steps", 0) else lr * group.get("lr_scale", 1.0)
+        group["lr"] = 0.0 if step < group.get("freeze_steps", 0) else lr
