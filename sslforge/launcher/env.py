@@ -58,6 +58,17 @@ def export_rank_variables() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def _skip_cpu_shm_extension() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`)
+    when its process group starts: minutes per start where two environments share
+    ~/.cache/torch_extensions, and impossible on a node without a compiler. Only DeepSpeed's
+    inference all-reduce uses it; training collectives go through torch.distributed (gloo), so
+    it is marked unavailable (DeepSpeed's own switch: the op table it consults before building)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(backend: str = "auto", timeout_min: int = 60) -> DistEnv:
     """Initialise the process group (through DeepSpeed, which the engine needs) for this rank."""
     import deepspeed
@@ -70,6 +81,8 @@ def init_distributed(backend: str = "auto", timeout_min: int = 60) -> DistEnv:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    else:
+        _skip_cpu_shm_extension()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=chosen, timeout=timedelta(minutes=timeout_min),
                                    verbose=False)
