@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_harness import run_ranks
-from tests.test_trainer_equivalence import _one_step
+from tests.trainer_fixtures import one_step
 
 
 def test_training_step_needs_no_compiler_and_builds_nothing(tmp_path: Path,
@@ -22,6 +22,6 @@ def test_training_step_needs_no_compiler_and_builds_nothing(tmp_path: Path,
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
     monkeypatch.setenv("CXX", "/bin/false")  # any attempt to compile fails
     monkeypatch.setenv("CC", "/bin/false")
-    results = run_ranks(_one_step, 2, str(tmp_path / "run"), 2)
+    results = run_ranks(one_step, 2, str(tmp_path / "run"))
     assert all(r["finite"] for r in results)
     assert list(cache.iterdir()) == []

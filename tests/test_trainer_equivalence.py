@@ -7,33 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from sslforge import distributed
-from sslforge.launcher.env import init_distributed
-from sslforge.trainer.loop import Trainer
 from tests.dist_harness import run_ranks
-from tests.trainer_fixtures import FixedLoader, global_batch, local_slice, tiny_config
+from tests.trainer_fixtures import one_step
 
-BATCH = 8
-
-
-def _one_step(run_dir: str, world: int) -> dict:
-    # LARS, as in the published recipe (Adam's first step is sign(g): it would amplify
-    # float rounding in near-zero gradients into parameter differences of size lr)
-    cfg = tiny_config(run_dir, f"optim.batch_size={BATCH}", "train.steps=1", "optim.name=lars")
-    env = init_distributed("gloo")
-    batch = local_slice(global_batch(BATCH), distributed.rank(), world)
-    trainer = Trainer(cfg, env, loader=FixedLoader([batch]))
-    out, finite = trainer.forward_backward(batch)
-    grads = {n: p.grad.detach().clone() for n, p in trainer.method.named_parameters()}
-    trainer.engine.step()
-    params = {n: p.detach().clone() for n, p in trainer.method.named_parameters()}
-    loss = distributed.all_reduce_mean(out["loss"].detach()).item()
-    return {"loss": loss, "finite": finite, "grads": grads, "params": params}
+# LARS, as in the published recipe (Adam's first step is sign(g): it would amplify
+# float rounding in near-zero gradients into parameter differences of size lr)
+LARS = "optim.name=lars"
 
 
 def test_one_step_two_ranks_equal_one_rank(tmp_path) -> None:
-    (single,) = run_ranks(_one_step, 1, str(tmp_path / "one"), 1)
-    pair = run_ranks(_one_step, 2, str(tmp_path / "two"), 2)
+    (single,) = run_ranks(one_step, 1, str(tmp_path / "one"), LARS)
+    pair = run_ranks(one_step, 2, str(tmp_path / "two"), LARS)
     assert single["finite"] and pair[0]["finite"]
     assert abs(pair[0]["loss"] - single["loss"]) < 1e-5
     assert pair[0]["loss"] == pair[1]["loss"]

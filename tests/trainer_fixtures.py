@@ -7,7 +7,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from sslforge import distributed
 from sslforge.config import load_config
+from sslforge.launcher.env import init_distributed
+from sslforge.trainer.loop import Trainer
 
 TINY = ["model.backbone=resnet10", "data.image_size=16", "model.proj_hidden_dim=32",
         "model.proj_output_dim=16", "logging.wandb_mode=disabled", "logging.progress=false",
@@ -45,3 +48,31 @@ class FixedLoader:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.batches[self.skip:])
+
+
+def step_trainer(run_dir: str, *overrides: str, batch_size: int = 8) -> Trainer:
+    """A Trainer for one step on this rank's slice of a fixed global batch (process group up)."""
+    cfg = tiny_config(run_dir, f"optim.batch_size={batch_size}", "train.steps=1", *overrides)
+    env = init_distributed("gloo")
+    batch = local_slice(global_batch(batch_size), distributed.rank(), env.world_size)
+    return Trainer(cfg, env, loader=FixedLoader([batch]))
+
+
+def one_step(run_dir: str, *overrides: str, batch_size: int = 8) -> dict[str, Any]:
+    """One real training step (Trainer, DeepSpeed engine) on this rank's slice of a fixed batch.
+
+    Returns the loss (mean over ranks), whether every rank's loss was finite, the gradients
+    after backward (absent under ZeRO-2, which frees `p.grad`), and every parameter after the
+    step and its update (after minus before), so runs on different ranks, ZeRO stages or
+    precisions can be compared.
+    """
+    trainer = step_trainer(run_dir, *overrides, batch_size=batch_size)
+    named = dict(trainer.method.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    out, finite = trainer.forward_backward(trainer.loader.batches[0])
+    grads = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
+    trainer.engine.step()
+    params = {n: p.detach().clone() for n, p in named.items()}
+    loss = distributed.all_reduce_mean(out["loss"].detach()).item()
+    return {"loss": loss, "finite": finite, "grads": grads, "params": params,
+            "update": {n: params[n] - before[n] for n in named}}

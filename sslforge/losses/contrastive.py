@@ -3,7 +3,8 @@
 Each rank holds B/N pairs. Logits are this rank's 2b queries against the 2B gathered keys, so
 memory grows with the local batch times the global one, not the global batch squared. The
 positive of local query i sits at a column offset by `rank * b`; every other key except the
-query itself is a negative (2B - 2 of them, as in the paper).
+query itself is a negative (2B - 2 of them, as in the paper). Logits, softmax and the gather's
+backward are float32 under any autocast (see `precision`).
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from sslforge import distributed
+from sslforge.losses.precision import float32_loss
 
 
+@float32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
             gather: bool = True) -> torch.Tensor:
     """Mean NT-Xent over this rank's 2b anchors; with `gather`, negatives come from all ranks.
@@ -22,7 +25,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
     if z1.shape != z2.shape:
         raise ValueError(f"nt_xent: views differ in shape {tuple(z1.shape)} vs {tuple(z2.shape)}")
     b = z1.shape[0]
-    queries = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2b, d)
+    queries = F.normalize(torch.cat([z1, z2]), dim=1)  # (2b, d)
     keys1, keys2 = queries[:b], queries[b:]
     if gather:
         keys1, keys2 = distributed.gather_with_grad(keys1), distributed.gather_with_grad(keys2)
