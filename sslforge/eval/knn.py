@@ -1,8 +1,9 @@
 """Weighted k-nearest-neighbour evaluation (Wu et al. 2018, as in DINO): k=20, T=0.07, cosine.
 
-Features are extracted on every rank (each sees a disjoint part of the shards), gathered, and
-classified with a faiss inner-product index over L2-normalised features; each neighbour votes
-for its class with weight exp(similarity / T).
+Features are extracted on every rank (each sees a disjoint part of the shards), kept in host
+memory, gathered (through the rank's device, as NCCL needs), and classified on rank 0 with a
+faiss inner-product index over L2-normalised features; each neighbour votes for its class with
+weight exp(similarity / T).
 """
 from __future__ import annotations
 
@@ -84,4 +85,4 @@ def knn_top1(encoder: nn.Module, cfg: DictConfig, env: DistEnv) -> float:
     if env.is_main:
         top1 = weighted_knn(train_feats, train_labels, val_feats, val_labels, cfg.eval.knn_k,
                             cfg.eval.knn_temperature)
-    return float(distributed.all_reduce_sum(torch.tensor(top1)).item())
+    return distributed.sum_over_ranks(top1)  # the others add 0: every rank returns rank 0's value

@@ -13,6 +13,8 @@ from datetime import timedelta
 
 import torch
 
+from sslforge import distributed
+
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -86,4 +88,5 @@ def init_distributed(backend: str = "auto", timeout_min: int = 60) -> DistEnv:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=chosen, timeout=timedelta(minutes=timeout_min),
                                    verbose=False)
+    distributed.set_comm_device(device)  # every sslforge collective checks its tensors are here
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, chosen)
