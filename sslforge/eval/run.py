@@ -10,7 +10,7 @@ from sslforge.config import load_resolved
 from sslforge.eval.knn import extract_features, weighted_knn
 from sslforge.launcher.env import init_distributed
 from sslforge.methods import build_method
-from sslforge.trainer.checkpoint import load_module_weights, resolve_checkpoint
+from sslforge.trainer.checkpoint import load_module_weights
 from sslforge.trainer.loop import seed_everything
 
 
@@ -31,9 +31,9 @@ def evaluate_knn(source: Path, train: str, val: str, k: int = 20, temperature: f
     method = build_method(cfg)
     step = 0
     if not random_init:
-        root, tag = resolve_checkpoint(source)
-        method.load_state_dict(load_module_weights(root, tag))
-        step = int(tag.removeprefix("step_"))
+        weights, ckpt = load_module_weights(source)  # data only: a checkpoint cannot run code
+        method.load_state_dict(weights)
+        step = int(ckpt.name.removeprefix("step_"))
     encoder = method.encoder().to(env.device)
     train_feats, train_labels = extract_features(encoder, train, cfg.data.image_size, batch_size, env, workers)
     val_feats, val_labels = extract_features(encoder, val, cfg.data.image_size, batch_size, env, workers)
