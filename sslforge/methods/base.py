@@ -3,6 +3,15 @@
 A method owns its networks, its loss and its state (queues, prototypes, centres, teachers);
 the trainer knows nothing method-specific. Non-trained state lives in buffers or in modules
 whose parameters do not require grad, so it is saved in checkpoints but never optimised.
+
+When state may change (the trainer skips a step whose loss or gradients are not finite on any
+rank, and must then leave the method exactly as it was):
+- `training_step` may change in place only the buffers `forward_buffers` returns: norm layers'
+  running statistics, which torch updates during the forward, before the loss is known. The
+  trainer copies them before every forward and puts them back when the step is skipped.
+- Everything else (queues, centres, prototypes, teachers, cluster assignments) changes only in
+  `on_after_optimizer_step`, which a skipped step never reaches. State computed from the batch
+  (MoCo's keys, DINO's batch centre) is kept on `self` during the forward and committed there.
 """
 from __future__ import annotations
 
@@ -54,8 +63,19 @@ class Method(nn.Module, metaclass=ABCMeta):
         """Modules kept in float32 whatever the engine's precision (EMA teachers)."""
         return []
 
+    def forward_buffers(self) -> list[torch.Tensor]:
+        """The buffers `training_step` may change in place, copied before every forward so a
+        skipped step can restore them; copied every step, so never large state such as queues.
+        Default: the running statistics of every norm layer that tracks them (`_NormBase` is
+        torch's common base of BatchNorm, SyncBatchNorm and InstanceNorm, and of
+        `GlobalBatchNorm`)."""
+        return [buffer for module in self.modules()
+                if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+                for buffer in module.buffers(recurse=False)]
+
     def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """EMA teacher update, queue push, prototype normalisation, ..."""
+        """EMA teacher update, queue push, prototype normalisation, ...: called only after a
+        step that updated the parameters, so state changed here is never left half-updated."""
 
     def on_epoch_start(self, epoch: int) -> None:
         """Whole-dataset work such as PCL's clustering."""

@@ -1,7 +1,8 @@
 """The training loop: one readable loop that knows nothing method-specific.
 
-Per step: schedule the learning rate, forward the method, agree across ranks that the loss is
-finite, backward and step through DeepSpeed, call the method's post-step hook, log, checkpoint.
+Per step: schedule the learning rate, forward the method, agree across ranks that the loss and
+then the gradients are finite, step through DeepSpeed, call the method's post-step hook, log,
+checkpoint. A skipped step puts back what the forward changed (`nonfinite.py`).
 Every decision that ends or skips work (non-finite loss, stop request) is taken by all ranks
 together, since one rank leaving alone would hang the others in the next collective.
 """
@@ -18,24 +19,30 @@ from omegaconf import DictConfig
 
 from sslforge import distributed
 from sslforge.launcher.env import DistEnv
+from sslforge.launcher.watchdog import PeerLostHook, watch_peers
 from sslforge.methods import build_method
 from sslforge.models.norm import convert_to_global_bn
 from sslforge.trainer import preemption
-from sslforge.trainer.checkpoint import CheckpointManager, latest_tag, resolve_checkpoint
-from sslforge.trainer.engine import build_engine, set_learning_rates
+from sslforge.trainer.checkpoint import CheckpointManager
+from sslforge.trainer.engine import build_engine, restore_settings, set_learning_rates
 from sslforge.trainer.monitor import Monitor
+from sslforge.trainer.nonfinite import (BufferSnapshot, all_finite, grads_finite, nonfinite_tensors,
+                                        refusal_message, skipped_summary)
 from sslforge.trainer.optim import build_optimizer
 from sslforge.trainer.schedule import cosine_schedule, scaled_lr
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss stayed non-finite; the run stopped without checkpointing bad state."""
+    """Non-finite values ended the run (too many skipped steps, a run that ended skipping, or
+    state a checkpoint may not hold); nothing non-finite was written."""
 
 
 @dataclass
 class TrainResult:
     step: int
     preempted: bool
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradients, over the whole run
+    warning: str | None = None  # what the run's last line must say although it succeeded
 
 
 @dataclass
@@ -46,7 +53,10 @@ class Position:
     epoch: int = 0
     batch_in_epoch: int = 0
     skipped_samples: int = 0
-    nonfinite_steps: int = 0
+    nonfinite_steps: int = 0  # skipped in a row, up to now
+    nonfinite_total: int = 0  # skipped over the whole run; first/last: step numbers as logged, 0 if none
+    first_nonfinite_step: int = 0
+    last_nonfinite_step: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -106,47 +116,46 @@ class Trainer:
             seed=self.cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size)
 
     def _resume(self) -> str | None:
-        """Load the checkpoint named by `resume`; returns the wandb run id to continue."""
-        resume = self.cfg.resume
-        if resume == "none":
+        """Load the checkpoint `resume` names (auto: this run's best loadable one, agreed by every
+        rank; an existing run that cannot be loaded is an error, never a fresh start); returns
+        the wandb run id to continue."""
+        state = self.checkpoints.resume(self.engine, self.cfg.resume)
+        if state is None:
             return None
-        if resume == "auto":
-            root = self.run_dir / "checkpoints"
-            tag = latest_tag(root)
-            if tag is None:
-                return None
-        else:
-            root, tag = resolve_checkpoint(Path(resume))
-        state = self.checkpoints.load(self.engine, root, tag)
+        restore_settings(self.engine, self.cfg)  # ZeRO 1/2 bring back the checkpoint's clipping norm
         self.pos = Position(**state["position"])
         return state.get("wandb_id")
 
     # ------------------------------------------------------------------ steps
     def forward_backward(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
-        """Forward and (when every rank's loss is finite) backward; returns (outputs, finite)."""
+        """Forward and (when every rank's loss is finite) backward; returns (outputs, finite):
+        finite when, on every rank, the loss, the running statistics the forward updated and the
+        gradients are (an overflow can happen in the backward)."""
         batch = {k: [v.to(self.env.device, non_blocking=True) for v in batch[k]] if k == "views"
                  else v for k, v in batch.items()}
         out = self.engine(batch, self.pos.step)
-        finite = not distributed.any_rank(not bool(torch.isfinite(out["loss"]).item()), self.env.device)
+        forward_ok = bool(torch.isfinite(out["loss"]).item()) and all_finite(self.method.forward_buffers())
+        finite = not distributed.any_rank(not forward_ok)
         if finite:
             self.engine.backward(out["loss"])
+            finite = not distributed.any_rank(not grads_finite(self.method))
         return out, finite
 
     def _step(self, batch: dict[str, Any]) -> dict[str, Any]:
         lr = float(self.lr_schedule[self.pos.step])
         set_learning_rates(self.engine, lr, self.pos.step)
+        before = BufferSnapshot(self.method.forward_buffers())  # the forward updates running statistics
         out, finite = self.forward_backward(batch)
         if finite:
             self.engine.step()
+            # ZeRO 1/2: DeepSpeed checks the reduced gradient partitions itself and skips the
+            # update (on every rank, its norm being global) when they are not finite.
+            finite = self.engine.was_step_applied()
+        if finite:
             self.method.on_after_optimizer_step(self.pos.step, self.total_steps)
             self.pos.nonfinite_steps = 0
         else:
-            self.engine.zero_grad()
-            self.pos.nonfinite_steps += 1
-            if self.cfg.train.on_nonfinite == "stop" or self.pos.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"loss is non-finite at step {self.pos.step} ({self.pos.nonfinite_steps} step(s) in a row); "
-                    "stopping without writing a checkpoint")
+            self._skip(before)
         record: dict[str, Any] = {"lr": lr, "loss": float(distributed.all_reduce_mean(out["loss"].detach()).item())}
         if "embedding" in out:
             record["embedding_std"] = float(distributed.all_reduce_mean(embedding_std(out["embedding"])).item())
@@ -156,17 +165,33 @@ class Trainer:
         record["nonfinite_skipped"] = not finite
         return record
 
+    def _skip(self, before: BufferSnapshot) -> None:
+        """Leave the method as it was before the step, count it, stop when the policy says so."""
+        self.engine.zero_grad()
+        before.restore()
+        pos = self.pos
+        pos.nonfinite_steps += 1
+        pos.nonfinite_total += 1
+        pos.first_nonfinite_step = pos.first_nonfinite_step or pos.step + 1
+        pos.last_nonfinite_step = pos.step + 1
+        if self.cfg.train.on_nonfinite == "stop" or pos.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"loss, running statistics or gradients non-finite at step {pos.step} "
+                f"({pos.nonfinite_steps} step(s) in a row); "
+                "stopping without writing a checkpoint")
+
     # ------------------------------------------------------------------- loop
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         """Train to the end (or to `stop_at_step`, or a stop request), checkpointing on the way."""
         cfg, pos = self.cfg, self.pos
         last_ckpt = last_eval = pos.step
+        batches: Iterator[dict[str, Any]] = iter(())
         try:
             while pos.step < self.total_steps:
                 self.method.on_epoch_start(pos.epoch)
                 self.loader.set_epoch(pos.epoch, skip_batches=pos.batch_in_epoch)
                 window = _Window(time.perf_counter())
-                batches: Iterator[dict[str, Any]] = iter(self.loader)
+                batches = iter(self.loader)
                 while pos.batch_in_epoch < self.steps_per_epoch and pos.step < self.total_steps:
                     t0 = time.perf_counter()
                     batch = next(batches)
@@ -195,13 +220,14 @@ class Trainer:
                 self.save()
             if last_eval != pos.step:
                 self.evaluate()
-            return TrainResult(pos.step, preempted=False)
+            return self._finish()
         finally:
+            _close(batches)
             self.monitor.close()
 
     def _log_train(self, record: dict[str, Any], window: "_Window") -> None:
         elapsed = max(time.perf_counter() - window.start, 1e-9)
-        skipped = int(distributed.all_reduce_sum(torch.tensor(float(self.pos.skipped_samples))).item())
+        skipped = int(distributed.sum_over_ranks(self.pos.skipped_samples))
         self.monitor.log({
             "step": self.pos.step, "epoch": self.pos.epoch, **record,
             "samples_per_s": window.steps * self.cfg.optim.batch_size / elapsed,
@@ -209,11 +235,30 @@ class Trainer:
             "skipped_samples": skipped, "world_size": self.env.world_size,
         })
 
+    def _finish(self) -> TrainResult:
+        """A run that skipped steps logs how many and says so in its last line; it fails when its
+        last step was skipped too: the model stopped learning before the end."""
+        pos = self.pos
+        if not pos.nonfinite_total:
+            return TrainResult(pos.step, preempted=False)
+        self.monitor.log({"step": pos.step, "nonfinite_skipped_steps": pos.nonfinite_total,
+                          "first_nonfinite_step": pos.first_nonfinite_step,
+                          "last_nonfinite_step": pos.last_nonfinite_step})
+        summary = skipped_summary(pos.nonfinite_total, pos.first_nonfinite_step, pos.last_nonfinite_step, pos.step)
+        if pos.nonfinite_steps:
+            raise NonFiniteLossError(f"training ended with its last {pos.nonfinite_steps} step(s) skipped, so the "
+                                     f"model has not learnt since step {pos.step - pos.nonfinite_steps}: {summary}")
+        return TrainResult(pos.step, preempted=False, skipped_steps=pos.nonfinite_total, warning=summary)
+
     def save(self) -> None:
-        """Checkpoint (collective); refuses to write parameters that are not finite."""
-        finite = all(torch.isfinite(p).all() for p in self.method.parameters())
-        if distributed.any_rank(not finite, self.env.device):
-            raise NonFiniteLossError(f"parameters are non-finite at step {self.pos.step}; checkpoint not written")
+        """Checkpoint (collective). Refuses state holding a NaN or inf on any rank (parameters,
+        buffers, optimiser state): every checkpoint on disk is finite, so `keep_last` can only
+        prune finite checkpoints older than a finite one."""
+        bad = nonfinite_tensors(self.method, self.engine.optimizer)
+        if distributed.any_rank(bool(bad)):
+            pointer = self.checkpoints.root / "latest"
+            latest = pointer.read_text().strip() if pointer.is_file() else None
+            raise NonFiniteLossError(refusal_message(bad, self.pos.step, latest))
         self.checkpoints.save(self.engine, self.pos.step,
                               {"position": vars(self.pos).copy(), "wandb_id": self.monitor.wandb_id})
 
@@ -237,14 +282,26 @@ class _Window:
     data_wait: float = 0.0
 
 
-def run(cfg: DictConfig, install_signal_handlers: bool = True) -> TrainResult:
-    """One rank's whole job: process group, trainer, fit. Used by every launch path."""
+def _close(batches: Iterator[Any]) -> None:
+    """Stop a loader iterator's data workers now: an exception's traceback would otherwise keep
+    them until interpreter exit (where `watchdog.kill_data_workers` is the backstop)."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
+def run(cfg: DictConfig, install_signal_handlers: bool = True,
+        on_peer_lost: PeerLostHook | None = None) -> TrainResult:
+    """One rank's whole job: process group, trainer, fit. Used by every launch path; any rank's
+    failure ends every rank, and a lost one (node down, frozen) calls `on_peer_lost` first
+    (`launcher/watchdog.py`)."""
     from sslforge.launcher.env import init_distributed
 
     env = init_distributed(cfg.engine.backend, cfg.engine.collective_timeout_min)
     if install_signal_handlers:
         preemption.install_handlers()
-    return Trainer(cfg, env).fit()
+    with watch_peers(env.rank, env.world_size, cfg.engine.peer_timeout_s, on_peer_lost):
+        return Trainer(cfg, env).fit()
 
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "run"]

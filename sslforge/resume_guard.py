@@ -1,0 +1,170 @@
+"""Resuming with a changed config: refused before anything is written, unless consented to.
+
+A checkpoint means something only with the config that wrote it: its tensors have the model's
+shapes, its optimiser state the optimiser's layout, its data position counts global batches of
+one dataset. Before `sslforge train` or `launch` writes anything, the new config is compared with
+the saved `config.yaml` of the run it would resume, key by key, and every key is in one class:
+
+- NEVER: a change makes the checkpoint mean something else (tensors, optimiser state or data
+  position misread): refused. Keep the saved value, or start a new run directory.
+- CONSENT: the checkpoint is read correctly, but the run goes on along another course (more
+  epochs, another learning rate): allowed only when named in `allow_changes=[KEY,...]`.
+- FREE: where and how the run is stored, watched and evaluated: not compared. Note that
+  `data.num_workers`, `data.shuffle_buffer` and the number of ranks re-plan the rest of the
+  current epoch (and, for finite data, may change its length by the padding): the resumed run
+  is then no longer bit-identical to an uninterrupted one.
+
+A key or section is looked up by its longest listed prefix (`method` covers every method key).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sslforge.config import ConfigError, load_resolved
+
+NEVER = frozenset({
+    "method",  # the method's networks, loss and state
+    "model.backbone", "model.small_stem", "model.proj_hidden_dim", "model.proj_output_dim",  # shapes
+    "optim.name", "optim.exclude_bias_and_norm", "engine.zero_stage",  # optimiser state layout
+    "optim.batch_size",  # the data position and the schedule count global batches
+    "data.train", "data.mode", "data.samples_per_epoch", "train.seed",  # what the position points into
+    "data.image_size", "data.views",  # the inputs the weights were trained on
+})
+CONSENT = frozenset({
+    "train.epochs", "train.steps",
+    "optim.base_lr", "optim.lr_scaling", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay",
+    "optim.momentum", "optim.betas", "optim.lars_eta",
+    "engine.precision", "engine.grad_clip",
+    "model.sync_bn",  # same tensors; statistics over the global or the local batch from now on
+})
+FREE = frozenset({
+    "name", "run_dir", "resume", "allow_changes",
+    "data.val", "data.knn_train", "data.num_workers", "data.shuffle_buffer",
+    "engine.backend", "engine.collective_timeout_min", "engine.peer_timeout_s",
+    "train.log_every_steps", "train.ckpt_every_steps", "train.keep_last", "train.on_nonfinite",
+    "train.max_nonfinite_steps",
+    "eval", "logging", "slurm",
+})
+CLASSES = {"never": NEVER, "consent": CONSENT, "free": FREE}
+
+
+class ResumeConflict(ConfigError):
+    """The config would resume a run whose checkpoints it would misread or silently re-steer."""
+
+
+def key_class(key: str) -> str:
+    """'never', 'consent' or 'free' for a dotted key; an unlisted key is 'never' (the safe side)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        for name, keys in CLASSES.items():
+            if prefix in keys:
+                return name
+    return "never"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for every leaf of a resolved config; lists are leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def changed_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved, new) for every key both configs hold with different values, in key order.
+    A key only one side has is left out: the schema grew or shrank between versions."""
+    a, b = flatten(saved), flatten(new)
+    return [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+
+
+def _has_checkpoints(run_dir: Path) -> str | None:
+    """The checkpoint `resume=auto` would start from in `run_dir` (its tag), or None."""
+    from sslforge.trainer.checkpoint import find_checkpoints
+
+    found = find_checkpoints(run_dir / "checkpoints")
+    if found.tags:
+        return found.tags[0]
+    return "latest" if found.has_pointer else None
+
+
+def resumed_run(cfg: DictConfig) -> tuple[Path, str] | None:
+    """(run directory whose checkpoint this config would load, checkpoint), or None for a
+    fresh start or when that run has no saved config to compare with. `resume=none` over
+    existing checkpoints is refused: its checkpoints would mix with theirs under one `latest`,
+    and `keep_last` would prune theirs."""
+    run_dir = Path(cfg.run_dir)
+    if cfg.resume in ("auto", "none"):
+        tag = _has_checkpoints(run_dir)
+        if tag and cfg.resume == "none":
+            raise ResumeConflict(f"run_dir {run_dir} already holds checkpoints ({tag}); resume=none would "
+                                 "train from scratch over them: use a new run_dir, or resume=auto to continue "
+                                 f"this run, or move {run_dir / 'checkpoints'} away first")
+        return _with_config(run_dir, tag, cfg.resume) if tag else None
+    source = Path(cfg.resume)
+    if not source.exists():
+        raise ResumeConflict(f"resume={cfg.resume}: no such checkpoint or run directory")
+    holder = next((p for p in (source, source.parent, source.parent.parent) if (p / "config.yaml").is_file()),
+                  source)
+    return _with_config(holder, source.name if source.name.startswith("step_") else "its latest checkpoint",
+                        cfg.resume)
+
+
+def _with_config(run_dir: Path, tag: str, resume: str) -> tuple[Path, str] | None:
+    if (run_dir / "config.yaml").is_file():
+        return run_dir, tag
+    print(f"sslforge: warning: resume={resume}: no config.yaml in {run_dir}, so the config cannot be "
+          "compared with the one that wrote the checkpoint", file=sys.stderr)
+    return None
+
+
+def _check_allowed(cfg: DictConfig, keys: dict[str, Any]) -> set[str]:
+    allowed = set(cfg.allow_changes)
+    for key in sorted(allowed):
+        if key not in keys:
+            raise ConfigError(f"invalid value for 'allow_changes': '{key}' is not a config key")
+        if key_class(key) == "never":
+            raise ConfigError(f"invalid value for 'allow_changes': '{key}' can never change on resume "
+                              "(it changes what the checkpoint means); start a new run_dir instead")
+    return allowed
+
+
+def _show(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """Raise ResumeConflict (one line naming every offending key as saved -> new) when `cfg`
+    would resume a run with a NEVER key changed, or a CONSENT key not in `allow_changes`.
+    Reads only: call it before writing anything."""
+    new = OmegaConf.to_container(cfg, resolve=True)
+    allowed = _check_allowed(cfg, flatten(new))
+    resumed = resumed_run(cfg)
+    if resumed is None:
+        return
+    run_dir, tag = resumed
+    saved = OmegaConf.to_container(load_resolved(run_dir / "config.yaml"), resolve=True)
+    changes = [(k, a, b, key_class(k)) for k, a, b in changed_keys(saved, new)]  # type: ignore[arg-type]
+    never = [f"{k} {_show(a)} -> {_show(b)}" for k, a, b, c in changes if c == "never"]
+    consent = [(k, f"{k} {_show(a)} -> {_show(b)}") for k, a, b, c in changes if c == "consent" and k not in allowed]
+    if not never and not consent:
+        return
+    parts = []
+    if never:
+        parts.append(f"{', '.join(never)} would change what the checkpoint means (never allowed)")
+    if consent:
+        keys = ",".join(k for k, _ in consent)
+        parts.append(f"{', '.join(text for _, text in consent)} would change the run's course "
+                     f"(allowed with allow_changes=[{keys}])")
+    raise ResumeConflict(f"cannot resume {run_dir} ({tag}) with a changed config: {'; '.join(parts)}; "
+                         f"keep the values saved in {run_dir / 'config.yaml'}, or start a new run_dir")
+
+
+__all__ = ["CLASSES", "ResumeConflict", "changed_keys", "check_resume", "flatten", "key_class", "resumed_run"]
