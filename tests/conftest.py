@@ -1,12 +1,63 @@
-"""Shared fixtures: the built-in synthetic dataset, written once per test session."""
+"""Shared fixtures: the built-in synthetic dataset, written once per test session; and the check
+that no process a test starts outlives it."""
 from __future__ import annotations
 
 import os
+import time
+import uuid
+from typing import Iterator
 
+import psutil
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+TEST_TOKEN = "SSLFORGE_TEST_TOKEN"
+LEAK_GRACE_S = 10.0  # what a killed job may take to be gone (SLURM's clean-up, data workers' polling)
+# Started once per session by multiprocessing's spawn and forkserver start methods, by design.
+SESSION_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _started_by(token: str) -> list[psutil.Process]:
+    """Running processes whose environment carries `token`: everything the test started, the
+    orphans of a killed parent included (they are no longer anybody's children)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if (proc.pid != os.getpid() and proc.environ().get(TEST_TOKEN) == token
+                    and proc.status() != psutil.STATUS_ZOMBIE
+                    and not any(h in " ".join(proc.cmdline()) for h in SESSION_HELPERS)):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_the_test() -> Iterator[None]:
+    """Each test runs with a token in the environment its processes inherit; those still running
+    `LEAK_GRACE_S` after it are killed and fail the test."""
+    token = uuid.uuid4().hex
+    os.environ[TEST_TOKEN] = token
+    try:
+        yield
+    finally:
+        del os.environ[TEST_TOKEN]
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while (left := _started_by(token)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, "processes started by this test outlived it:\n" + "\n".join(map(_kill, left))
+
+
+def _kill(proc: psutil.Process) -> str:
+    """Kill a leftover (so it cannot disturb the next tests); returns what it was."""
+    try:
+        described = f"{proc.pid} {' '.join(proc.cmdline())[:200]}"
+        proc.kill()
+    except psutil.NoSuchProcess:
+        described = f"{proc.pid} (gone while being killed)"
+    return described
 
 
 @pytest.fixture(scope="session")

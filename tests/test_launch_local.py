@@ -1,33 +1,42 @@
-"""`sslforge train --nproc 2` end to end through torch.distributed.run, on the built-in data."""
+"""`sslforge train --nproc 2`: the local launcher trains, and owns its ranks.
+
+A signal to it (`kill PID`, SIGTERM to its process group, Ctrl-C to the terminal's group) makes
+every rank checkpoint the step it reached; it waits for them and exits 75, and the same command
+resumes from that step. Ctrl-C twice stops at once (130). No rank or data worker outlives it.
+"""
 from __future__ import annotations
 
-import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
+from tests.process_helpers import (SMALL, kill_groups, latest_step, records, start_launcher, train_args,
+                                   train_steps, wait_for)
 from tests.test_cli import sslforge
 
-SMALL = ["data.image_size=16", "optim.batch_size=16", "model.proj_hidden_dim=64", "data.num_workers=1",
-         "logging.progress=false", "train.log_every_steps=1"]
+STOP_WITHIN_S = 60
+STEPS = 16
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
 
 
-def _rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
-    """The rank processes under the launcher (not their data workers, which inherit RANK)."""
-    ranks: dict[int, psutil.Process] = {}
-    for proc in psutil.Process(launcher_pid).children(recursive=True):
-        rank = proc.environ().get("RANK")
-        if rank is not None and proc.parent().environ().get("RANK") is None:
-            ranks[int(rank)] = proc
-    return ranks
+def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 def test_two_local_ranks_train_log_and_checkpoint(synth_data: dict, tmp_path: Path) -> None:
@@ -36,48 +45,94 @@ def test_two_local_ranks_train_log_and_checkpoint(synth_data: dict, tmp_path: Pa
                       f"data.val={synth_data['val']}", f"run_dir={run_dir}", "train.steps=6",
                       "eval.every_epochs=0", "logging.wandb_mode=offline", *SMALL, "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    records = _records(run_dir)
-    train = [r for r in records if "loss" in r]
+    train = [r for r in records(run_dir) if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert all(r["world_size"] == 2 for r in train)
     for key in ("lr", "samples_per_s", "data_wait_frac", "embedding_std", "skipped_samples"):
         assert key in train[-1], key
-    assert any("knn_top1" in r for r in records)  # final evaluation
+    assert any("knn_top1" in r for r in records(run_dir))  # final evaluation
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
     assert (run_dir / "config.yaml").is_file()
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert wandb_runs and any(p.suffix == ".wandb" for p in wandb_runs[0].iterdir())
 
 
-def test_a_dead_rank_ends_the_job(synth_data: dict, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sslforge.cli", "train", "simclr_synth", f"data.train={synth_data['train']}",
-           f"run_dir={run_dir}", "train.steps=500", "eval.every_epochs=0", "data.val=null",
-           "logging.wandb_mode=disabled", *SMALL, "--nproc", "2"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while not _records(run_dir) and time.time() < deadline:
-        time.sleep(0.5)
-    assert _records(run_dir), "training never started"
-    workers = _rank_processes(launcher.pid)
-    assert sorted(workers) == [0, 1]
-    workers[1].kill()
-    killed_at = time.time()
+def _stop_with(sig: int, to_group: bool, nproc: int, args: list[str], run_dir: Path,
+               log: Path) -> tuple[int, float]:
+    """Start `sslforge train`, signal it once training runs; (exit status, seconds it took to exit).
+    Every process under it must be gone when it exits."""
+    launcher = start_launcher(args, nproc, log)
     try:
-        code = launcher.wait(timeout=120)
+        wait_for(lambda: len(train_steps(run_dir)) >= 3, "training to start", [launcher])
+        under = _descendants(launcher.pid)  # the ranks (if not in this process) and their data workers
+        assert under
+        (os.killpg if to_group else os.kill)(launcher.pid, sig)
+        sent = time.monotonic()
+        code = launcher.wait(timeout=STOP_WITHIN_S)
+        took = time.monotonic() - sent
     finally:
-        launcher.kill()
-    assert code != 0
-    assert time.time() - killed_at < 120
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
+        kill_groups([launcher])
+    assert not _running(under), f"outlived the launcher: {_running(under)}"
+    return code, took
+
+
+@pytest.mark.parametrize("sig, to_group, nproc", [(signal.SIGTERM, False, 2), (signal.SIGTERM, True, 2),
+                                                  (signal.SIGINT, True, 2), (signal.SIGINT, True, 1)],
+                         ids=["kill-pid", "sigterm-to-group", "ctrl-c", "ctrl-c-one-rank"])
+def test_a_signal_to_sslforge_train_checkpoints_the_current_step_and_exits_75(
+        synth_data: dict, tmp_path: Path, sig: int, to_group: bool, nproc: int) -> None:
+    run_dir = tmp_path / "run"
+    # No periodic checkpoint before the end: the one on disk is the signal's.
+    args = train_args(synth_data, run_dir, f"train.steps={STEPS}", "train.ckpt_every_steps=1000")
+    code, took = _stop_with(sig, to_group, nproc, args, run_dir, tmp_path / "launcher.log")
+    log = (tmp_path / "launcher.log").read_text()
+    assert code == 75, log[-3000:]
+    assert took < STOP_WITHIN_S
+    stopped = train_steps(run_dir)
+    assert stopped == list(range(1, len(stopped) + 1)) and 3 <= len(stopped) < STEPS
+    assert latest_step(run_dir) == stopped[-1]  # the step every rank had reached: nothing lost
+    assert log.count(f"stopped at step {stopped[-1]} with a checkpoint") == 1, log[-3000:]
+    if sig == signal.SIGTERM and not to_group:  # the same command resumes from that step
+        result = sslforge(*args, "--nproc", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert train_steps(run_dir)[len(stopped):] == list(range(stopped[-1] + 1, STEPS + 1))
+
+
+def test_ctrl_c_twice_stops_every_rank_at_once(synth_data: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = train_args(synth_data, run_dir, "train.steps=500", "train.ckpt_every_steps=1000")
+    launcher = start_launcher(args, 2, tmp_path / "launcher.log")
+    try:
+        wait_for(lambda: len(train_steps(run_dir)) >= 3, "training to start", [launcher])
+        under = _descendants(launcher.pid)
+        os.killpg(launcher.pid, signal.SIGINT)
+        time.sleep(0.1)  # two presses, before the ranks can have checkpointed and exited
+        os.killpg(launcher.pid, signal.SIGINT)
+        sent = time.monotonic()
+        code = launcher.wait(timeout=STOP_WITHIN_S)
+        took = time.monotonic() - sent
+    finally:
+        kill_groups([launcher])
+    assert code == 130, (tmp_path / "launcher.log").read_text()[-3000:]
+    assert took < 10  # "at once": no checkpoint, no collective to wait for
+    assert not _running(under), f"outlived the launcher: {_running(under)}"
+
+
+def test_in_a_rank_ctrl_c_asks_for_a_checkpoint_and_a_second_one_interrupts() -> None:
+    """A rank that gets the terminal's Ctrl-C itself (`--nproc 1`, or under torchrun/srun)."""
+    code = ("import os, signal; from sslforge.trainer import preemption; preemption.install_handlers(); "
+            "os.kill(os.getpid(), signal.SIGINT); print('stop requested', preemption.stop_requested()); "
+            "os.kill(os.getpid(), signal.SIGINT); print('still running')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == ["stop requested True"]
+    assert result.returncode == -signal.SIGINT and "KeyboardInterrupt" in result.stderr
 
 
 def test_runs_as_one_rank_under_external_torchrun(synth_data: dict, tmp_path: Path) -> None:
     """`torchrun ... -m sslforge.cli train` : every process is one rank of the same job."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "sslforge.cli", "train", "simclr_synth", f"data.train={synth_data['train']}", "data.val=null",
-           f"run_dir={run_dir}", "train.steps=2", "eval.every_epochs=0", "logging.wandb_mode=disabled", *SMALL]
+           "sslforge.cli", *train_args(synth_data, run_dir, "train.steps=2")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["world_size"] for r in _records(run_dir) if "loss" in r] == [2, 2]
+    assert [r["world_size"] for r in records(run_dir) if "loss" in r] == [2, 2]

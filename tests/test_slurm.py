@@ -10,15 +10,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psutil
 import pytest
 
 from sslforge.launcher.slurm_state import JobState, job_state
+from tests.process_helpers import fault_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 30
@@ -52,9 +55,10 @@ def sslforge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 class Launch:
     """`sslforge launch ... --slurm --wait` running in the background, as a script would use it."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "sslforge.cli", *args, "--wait"], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline()
         match = re.match(r"submitted SLURM job (\d+)", first)
@@ -91,10 +95,25 @@ def latest_step(run_dir: Path) -> int:
     return int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
 
 
+def job_processes(job_id: str) -> list[psutil.Process]:
+    """Every process of the job still alive (tasks and their data workers)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SLURM_JOB_ID") == job_id and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
 def start_requeued_now(job_id: str) -> JobState:
-    """Wait for the job to be back in the queue after a requeue, then skip SLURM's start delay."""
+    """Wait for the job to be back in the queue after a requeue and for its last run's processes
+    to be gone (SLURM refuses to start it before: "Job credential revoked"), then skip SLURM's
+    start delay."""
     wait_for(lambda: job_state(job_id).state == "PENDING" and job_state(job_id).restarts >= 1,
              f"job {job_id} to be requeued", timeout=120)
+    wait_for(lambda: not job_processes(job_id), f"job {job_id}'s processes to end", timeout=120)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     return job_state(job_id)
 
@@ -211,6 +230,72 @@ def test_a_real_error_fails_the_job_without_requeue(reference: dict, synth_data:
     assert state.state == "FAILED" and state.restarts == 0
 
 
+def _task_pid(job_id: str, rank: int) -> int:
+    """The process of task `rank` (not one of its data workers, which share its environment)."""
+    for proc in job_processes(job_id):
+        try:
+            if (proc.environ().get("SLURM_PROCID") == str(rank) and "submitit.core._submit" in " ".join(proc.cmdline())
+                    and proc.parent().environ().get("SLURM_PROCID") is None):
+                return proc.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no task {rank} of job {job_id}")
+
+
+@pytest.mark.parametrize("fault", ["raise", "sigkill"])
+def test_a_failed_rank_fails_the_job_at_once(cluster: None, synth_data: dict, tmp_path: Path, fault: str) -> None:
+    """One rank of a 2-task job raises, or is killed: the job ends FAILED within a minute, not
+    requeued, not holding its node until the time limit (10 min here)."""
+    run_dir, mark = tmp_path / "run", tmp_path / "fault-fired"
+    env = fault_env("raise", 1, mark, step="4") if fault == "raise" else None
+    job = Launch(launch_args(synth_data, run_dir), env)
+    try:
+        if fault == "raise":
+            wait_for(mark.exists, "the fault")
+            failed_at = mark.stat().st_mtime
+        else:
+            wait_for(lambda: len(train_records(run_dir)) >= 4, "training to start")
+            os.kill(_task_pid(job.job_id, 1), signal.SIGKILL)
+            failed_at = time.time()
+        wait_for(lambda: job_state(job.job_id).finished, "the job to end", timeout=60)
+        ended_in = time.time() - failed_at
+    finally:
+        if not job_state(job.job_id).finished:
+            subprocess.run(["scancel", job.job_id])
+        code, err = job.finish()
+    state = job_state(job.job_id)
+    assert state.state == "FAILED" and state.restarts == 0, (state, err[-3000:])
+    assert code != 0 and ended_in < 60
+    assert len(train_records(run_dir)) < STEPS
+
+
+def test_a_lost_rank_requeues_the_job_from_its_checkpoint(reference: dict, synth_data: dict, tmp_path: Path) -> None:
+    """Rank 1 freezes (SIGSTOP: to its peers, a node that died). Rank 0's watchdog notices the
+    silence within engine.peer_timeout_s and requeues the job, rather than failing it or waiting
+    in its collective to the time limit; the job resumes from the latest checkpoint and ends
+    with the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    job = Launch(launch_args(synth_data, run_dir, "train.ckpt_every_steps=5", "engine.peer_timeout_s=10"))
+    try:
+        wait_for(lambda: len(train_records(run_dir)) >= 12, "training to pass a checkpoint")
+        os.kill(_task_pid(job.job_id, 1), signal.SIGSTOP)
+        frozen_at = time.time()
+        state = start_requeued_now(job.job_id)
+        requeued_in = time.time() - frozen_at
+        resumed_from = latest_step(run_dir)  # the job is pending: nothing writes checkpoints now
+    finally:
+        code, err = job.finish()
+    assert code == 0, err[-3000:]
+    assert state.restarts == 1 and requeued_in < 60
+    assert "requeued job" in task_log(run_dir, job.job_id, 0) and "after a lost rank" in task_log(run_dir, job.job_id, 0)
+    steps = [r["step"] for r in train_records(run_dir)]
+    second = len(steps) - 1 - steps[::-1].index(resumed_from + 1)  # where the requeued run begins
+    assert steps[second:] == list(range(resumed_from + 1, STEPS + 1))
+    for r in train_records(run_dir)[second:]:
+        assert r["loss"] == pytest.approx(reference["losses"][r["step"]], abs=1e-6), r["step"]
+    assert job_state(job.job_id).state == "COMPLETED" and latest_step(run_dir) == STEPS
+
+
 # ----------------------------------------------------------------------------------- no submission
 
 
@@ -227,6 +312,7 @@ def test_dry_run_prints_the_script_it_would_submit(cluster: None, synth_data: di
                  "--cpus-per-task=8", "--signal=USR2@300", "--requeue"):
         assert f"#SBATCH {line}\n" in result.stdout, line
     assert f"srun --unbuffered --output {run_dir}/slurm/%j/%j_%t_log.out" in result.stdout
+    assert " --kill-on-bad-exit=1 " in result.stdout  # a failed task ends the job, not the time limit
     assert not run_dir.exists()
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
 

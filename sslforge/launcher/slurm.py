@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from sslforge.config import save_config
 from sslforge.launcher import slurm_state
+from sslforge.resume_guard import check_resume
 
 # SLURM checks signal times about once a minute, so `--signal=USR2@D` may come up to 60 s late
 # or early; the job must run at least this much longer than the delay to get its signal at all.
@@ -156,6 +157,9 @@ def sbatch_parameters(cfg: DictConfig) -> dict[str, Any]:
         "setup": ["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"],
         # Requeue even where the cluster's JobRequeue default is 0.
         "additional_parameters": {"time": str(s.time), "requeue": True},
+        # A task that fails or is killed ends the step, so the job ends FAILED at once instead of
+        # holding its nodes (the ranks' watchdog ends the others too; this covers a stuck one).
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if s.gpus_per_node > 0:
         params["gpus_per_node"] = s.gpus_per_node
@@ -212,6 +216,7 @@ def launch(cfg: DictConfig, *, dry_run: bool = False, wait: bool = False) -> int
     run_dir = Path(cfg.run_dir)
     folder = run_dir / "slurm" / "%j"
     _check_config(cfg)
+    check_resume(cfg)  # before anything is written, dry run included
     params = sbatch_parameters(cfg)
     if dry_run:
         _check_cluster(cfg, required=False)

@@ -15,11 +15,20 @@ the loop with a checkpoint (the trainer's own handler), but does not requeue: SL
 decides whether the job comes back. Every restart, ours or SLURM's, counts against
 `slurm.max_requeues`, so a job that keeps being killed does not come back forever; a job that
 fails with an exception is never requeued (it ends FAILED).
+
+A rank that raises or dies ends the whole job within a minute, never at the time limit: srun
+runs with `--kill-on-bad-exit=1` (`slurm.sbatch_parameters`), and each rank's watchdog
+(`watchdog.py`) ends it when another rank failed or stopped responding, even while it waits in
+a collective that would otherwise wait for `engine.collective_timeout_min`. A rank that raised
+(or was killed, which its peers' collectives report) fails the job; a rank that went silent (its
+node died or froze) is a machine's fault, not the run's: the job requeues itself, as SLURM's
+node-failure handling would, and resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
@@ -64,16 +73,31 @@ class SlurmTrainTask(submitit.helpers.Checkpointable):
         cfg = load_resolved(Path(self.config_path))
         log.info("rank %d/%d starting (restart %d) in %s", dist_env.rank, dist_env.world_size,
                  restart_count(), cfg.run_dir)
-        result = run(cfg)
+        result = run(cfg, on_peer_lost=self._requeue_after_peer_loss)
         if not result.preempted:
             return result.step
         log.warning("rank %d stopped with a checkpoint at step %d", dist_env.rank, result.step)
         if requeue.signalled and dist_env.rank == 0:
             requeue()  # checkpoint() + `scontrol requeue` + exit; raises when not requeued
         # Leave without a result pickle (SystemExit is not caught by submitit): the run is not
-        # over. The other ranks got the signal too and exit 0, so an srun with --kill-on-bad-exit
-        # cannot kill rank 0 mid-requeue; stopped without a requeue (SIGTERM), say so.
+        # over. The other ranks got the signal too and exit 0, so srun's --kill-on-bad-exit
+        # cannot kill rank 0 mid-requeue; stopped without a requeue (SIGTERM), say so: every
+        # rank has written its part of the checkpoint before any of them exits.
         sys.exit(0 if requeue.signalled else EXIT_PREEMPTED)
+
+    def _requeue_after_peer_loss(self, reason: str) -> None:
+        """A rank's node died or froze (see launcher/watchdog.py): nothing is wrong with the run,
+        so the job goes back to the queue (within `max_requeues`) and resumes from its latest
+        checkpoint, as SLURM's own node-failure requeue would, minutes later. Each surviving
+        rank asks; SLURM requeues the job once."""
+        if restart_count() >= self.max_requeues:
+            log.error("not requeuing after a lost rank: restarted %d times (slurm.max_requeues=%d)",
+                      restart_count(), self.max_requeues)
+            return
+        job_id = JobEnvironment().job_id
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
+            log.warning("requeued job %s after a lost rank (%s)", job_id, reason)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[DelayedSubmission]:
         """Called by submitit on rank 0 after the training checkpoint is on disk: requeue as is,
