@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from sslforge.config import ConfigError, list_recipes, load_config, recipe_path, save_config
+from sslforge.config_effects import ineffective_overrides
 
 EXIT_USAGE = 2
 
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a recipe on local ranks (or as one rank under torchrun/srun)")
     train.add_argument("recipe", help="recipe name (see `sslforge recipes`) or YAML path")
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
-    train.add_argument("--nproc", type=int, default=1, help="local ranks to start (torch.distributed.run)")
+    train.add_argument("--nproc", type=int, default=1, help="local ranks to start (one process per rank, owned by this command)")
 
     launch = sub.add_parser("launch", help="submit a recipe to SLURM through submitit")
     launch.add_argument("recipe")
@@ -88,16 +89,26 @@ def preflight(cfg) -> None:  # type: ignore[no-untyped-def]
     _check_run_dir(Path(cfg.run_dir))
 
 
+def warn_no_effect(cfg, overrides: list[str], command: str) -> None:  # type: ignore[no-untyped-def]
+    """One line per given key that cannot change the run, before anything starts."""
+    for line in ineffective_overrides(cfg, overrides, command):
+        print(f"sslforge: warning: {line}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sslforge.launcher.env import launched_rank, under_external_launcher
     from sslforge.launcher.worker import run_rank
+    from sslforge.resume_guard import check_resume
 
     cfg = load_config(args.recipe, args.overrides)
+    if not under_external_launcher() or launched_rank() == 0:
+        warn_no_effect(cfg, args.overrides, "train")
     if args.nproc < 1:
         raise UsageError("--nproc must be >= 1")
     if cfg.optim.batch_size % args.nproc:
         raise ConfigError(f"invalid value for 'optim.batch_size': {cfg.optim.batch_size} is not divisible "
                           f"by --nproc {args.nproc}")
+    check_resume(cfg)  # before anything is written: the run it resumes must keep its meaning
     preflight(cfg)
     config_path = Path(cfg.run_dir) / "config.yaml"
     if under_external_launcher():  # this process is one rank of a torchrun/srun job
@@ -116,6 +127,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from sslforge.launcher import slurm
 
     cfg = load_config(args.recipe, args.overrides)
+    warn_no_effect(cfg, args.overrides, "launch")
     return slurm.launch(cfg, dry_run=args.dry_run, wait=args.wait)
 
 
@@ -161,8 +173,9 @@ COMMANDS = {"train": cmd_train, "launch": cmd_launch, "jobs": cmd_jobs, "data": 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from sslforge.data_pipeline import DataError
+    from sslforge.trainer.checkpoint import CheckpointError
 
-    errors: list[type[BaseException]] = [ConfigError, UsageError, DataError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, UsageError, DataError, FileNotFoundError, CheckpointError]
     try:
         from sslforge.launcher.slurm import SlurmError
 

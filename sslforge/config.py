@@ -7,9 +7,10 @@ and are typed by the method's own dataclass (picked by `method.name`).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -24,9 +25,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ViewConfig:
-    """One augmentation pipeline; `count` crops are drawn with it (multi-crop)."""
+    """One augmentation pipeline; `count` crops are drawn with it (multi-crop).
 
-    size: int = 224
+    `size` None crops at `data.image_size`; a size is in pixels at the `data.image_size` of
+    the recipe (or command line) that wrote it, and scales with that image size (see
+    `load_config`)."""
+
+    size: Optional[int] = None
     count: int = 1
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     flip_p: float = 0.5
@@ -84,6 +89,7 @@ class EngineConfig:
     grad_clip: float = 0.0  # 0 disables
     backend: str = "auto"  # auto | nccl | gloo
     collective_timeout_min: int = 60  # long rank-0 work (clustering, eval) must not trip it
+    peer_timeout_s: float = 20.0  # a rank silent this long is dead: every rank exits (launcher/watchdog.py)
 
 
 @dataclass
@@ -140,6 +146,7 @@ class Config:
     name: str = "run"
     run_dir: str = "runs/${name}"
     resume: str = "auto"  # auto | none | path to a checkpoint directory
+    allow_changes: List[str] = field(default_factory=list)  # keys a resume may change (resume_guard.py)
     method: Any = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -180,32 +187,57 @@ def list_recipes() -> list[str]:
     return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 reads an unquoted `72:00:00` as the base-60 integer 259200; in a recipe it is
-    a SLURM time, so such scalars stay strings."""
+class _ConfigLoader(yaml.SafeLoader):
+    """The one reading rule for recipes, `key=value` overrides and saved configs: YAML's
+    structure (mappings, lists, quotes, null as `null`, `~` or nothing), but every other plain
+    scalar stays text, and the schema's type for its key converts it (`1e-6`, `yes`, `0.9`).
+    YAML 1.1's own typing would read the SLURM time `48:00:00` as the base-60 number 172800,
+    `010` as 8, `on` as true and `2024-01-01` as a date: other text in a string key."""
 
 
-def _int_or_time(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
-    value = loader.construct_scalar(node)
-    return value if ":" in str(value) else loader.construct_yaml_int(node)
+# PyYAML keeps implicit typing in this class attribute (OmegaConf's loader edits it the same
+# way); only null and the merge key `<<` are kept.
+_KEPT_TAGS = ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag in _KEPT_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
-_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _int_or_time)
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{source} is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}") from None
 
 
-def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML recipe, resolving `inherits: OTHER` (a recipe name) recursively."""
+def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """A recipe's mappings, the root of its `inherits: OTHER` chain first."""
     if path in seen:
         raise ConfigError(f"recipe inheritance loops through {path}")
-    with open(path) as f:
-        raw = yaml.load(f, Loader=_RecipeLoader) or {}
+    raw = _parse_yaml(path.read_text(), f"recipe {path}") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping")
     parent = raw.pop("inherits", None)
-    if parent is None:
-        return raw
-    base = _read_recipe(recipe_path(parent), seen + (path,))
-    return OmegaConf.to_container(OmegaConf.merge(base, raw))  # type: ignore[return-value]
+    below = [] if parent is None else _recipe_layers(recipe_path(str(parent)), seen + (path,))
+    return [*below, raw]
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """`key=value` items as (key, value); values are read like recipe values."""
+    pairs = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        pairs.append((key.strip(), _parse_yaml(text, f"override '{item}'")))
+    return pairs
+
+
+def dotted_key(key: str) -> str:
+    """`data.views[0].size` -> `data.views.0.size`: one spelling for matching keys."""
+    return re.sub(r"\[(\d+)\]", r".\1", key)
 
 
 def _method_schema(name: str) -> Any:
@@ -217,22 +249,58 @@ def _method_schema(name: str) -> Any:
         raise ConfigError(f"method.name: {exc.args[0]}") from None
 
 
+def _method_name(layers: list[dict], pairs: list[tuple[str, Any]]) -> str:
+    """The last `method.name` given; overrides come after the recipe chain."""
+    sections = [layer.get("method") for layer in layers]
+    given = [s.get("name") for s in sections if isinstance(s, dict)]
+    given = [name for name in given + [v for k, v in pairs if k == "method.name"] if name]
+    if not given:
+        raise ConfigError("method.name is missing from the recipe")
+    return str(given[-1])
+
+
+def _apply_layer(cfg: DictConfig, apply: Callable[[DictConfig], None],
+                 writes_size: Callable[[int], bool]) -> None:
+    """Apply one layer (a recipe file, or the overrides) in place. A view size is in pixels at
+    the image size of the layer that wrote it, so when this layer changes `data.image_size`,
+    the sizes it does not write itself scale by new/old: multi-crop stays in proportion
+    (224/96 at 224 become 32/14 at 32)."""
+    before = cfg.data.image_size
+    apply(cfg)
+    after = cfg.data.image_size
+    if after != before and before > 0:
+        for i, view in enumerate(cfg.data.views):
+            if view.size is not None and not writes_size(i):
+                view.size = max(1, round(view.size * after / before))
+
+
+def _merge_recipe(cfg: DictConfig, layer: dict) -> None:
+    data = layer.get("data")
+    writes_views = isinstance(data, dict) and "views" in data  # a list replaces the one below
+    _apply_layer(cfg, lambda c: c.merge_with(layer), lambda i: writes_views)
+
+
+def _apply_overrides(cfg: DictConfig, pairs: list[tuple[str, Any]]) -> None:
+    def apply(c: DictConfig) -> None:
+        for key, value in pairs:
+            OmegaConf.update(c, key, value, merge=True)
+
+    keys = {dotted_key(k) for k, _ in pairs}
+    _apply_layer(cfg, apply, lambda i: bool(keys & {"data", "data.views", f"data.views.{i}", f"data.views.{i}.size"}))
+
+
 def load_config(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     """Recipe + overrides merged onto the typed schema, validated; raises ConfigError."""
-    raw = _read_recipe(recipe_path(recipe))
+    layers = _recipe_layers(recipe_path(recipe))
+    pairs = parse_overrides(overrides or [])
+    cfg = OmegaConf.structured(Config(method=_method_schema(_method_name(layers, pairs))()))
     try:
-        dotlist = OmegaConf.from_dotlist(list(overrides or []))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad override: {exc}") from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-    method_name = OmegaConf.select(dotlist, "method.name") or (raw.get("method") or {}).get("name")
-    if not method_name:
-        raise ConfigError("method.name is missing from the recipe")
-    schema = OmegaConf.structured(Config(method=_method_schema(method_name)()))
-    try:
-        cfg = OmegaConf.merge(schema, raw, dotlist)
+        for layer in layers:
+            _merge_recipe(cfg, layer)
+        _apply_overrides(cfg, pairs)
+        for view in cfg.data.views:
+            if view.size is None:
+                view.size = cfg.data.image_size
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None
     validate(cfg)
@@ -261,6 +329,8 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"invalid value for '{key}': must be > 0")
+    if cfg.engine.peer_timeout_s <= 0:
+        raise ConfigError("invalid value for 'engine.peer_timeout_s': must be > 0")
     if cfg.train.steps is not None and cfg.train.steps <= 0:
         raise ConfigError("invalid value for 'train.steps': must be > 0")
     if cfg.data.mode == "resampled" and not cfg.data.samples_per_epoch:
@@ -273,6 +343,8 @@ def validate(cfg: DictConfig) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError("invalid value for 'optim.betas': expected two numbers")
     for i, view in enumerate(cfg.data.views):
+        if view.size <= 0:
+            raise ConfigError(f"invalid value for 'data.views.{i}.size': must be > 0")
         if len(view.scale) != 2 or not 0 < view.scale[0] <= view.scale[1] <= 1:
             raise ConfigError(f"invalid value for 'data.views.{i}.scale': expected 0 < lo <= hi <= 1")
 
@@ -286,7 +358,6 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 def load_resolved(path: Path) -> DictConfig:
     """A run directory's saved config (already validated), typed again for attribute access."""
-    raw = OmegaConf.load(path)
-    schema = OmegaConf.structured(Config(method=_method_schema(raw.method.name)()))
+    raw = _parse_yaml(path.read_text(), str(path))
+    schema = OmegaConf.structured(Config(method=_method_schema(raw["method"]["name"])()))
     return OmegaConf.merge(schema, raw)  # type: ignore[return-value]
-

@@ -61,16 +61,34 @@ def sample_key(member_name: str) -> str | None:
 
 
 def _count_samples(path: str) -> int:
-    """Consecutive runs of one key, as webdataset's grouping sees them; headers only."""
-    count, previous = 0, None
+    """Consecutive runs of one key, as webdataset's grouping sees them; headers only.
+
+    A shard cut short (an interrupted copy or download) or corrupt past some point counts the
+    samples before the one it breaks in, with a warning, as webdataset users expect: the run
+    goes on without the rest, and the stream never reads past them. Whether the last sample
+    before the break had all its files cannot be known, so it is left out too.
+    """
+    count, previous, intact, end = 0, None, True, 0
     try:
         with tarfile.open(path) as tar:
-            for member in tar:
+            for member in tar:  # raises where a member's data is cut short
                 key = sample_key(member.name) if member.isreg() else None
                 if key is not None and key != previous:
                     count, previous = count + 1, key
-    except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"cannot read shard {path}: {exc}") from None
+                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            # tarfile stops quietly at a cut header; an intact archive goes on with zero blocks.
+            # `fileobj` (no public accessor) is the archive's byte stream, decompressed if need be.
+            tar.fileobj.seek(end)
+            tail = tar.fileobj.read(tarfile.BLOCKSIZE)
+            intact = bool(tail) and not tail.strip(b"\0")
+    except (tarfile.TarError, EOFError):  # EOFError: a compressed shard cut short
+        intact = False
+    except OSError as exc:
+        raise DataError(f"cannot read shard {path}: {exc.strerror or exc}") from None
+    if not intact:
+        count = max(count - 1, 0)
+        log.warning("shard %s is truncated or corrupt: counting its first %d samples, skipping the rest",
+                    path, count)
     return count
 
 

@@ -32,6 +32,7 @@ from sslforge.data_pipeline import DataError
 from sslforge.data_pipeline.planning import (Segment, ShardSet, buffer_shuffle_order, range_segments,
                                              resampled_segments)
 from sslforge.data_pipeline.shards import IMAGE_EXTS, sample_key
+from sslforge.launcher.watchdog import kill_data_workers_at_exit
 
 log = logging.getLogger("sslforge.data")
 
@@ -88,18 +89,19 @@ def _read_segment(data: ShardSet, segment: Segment, wanted: np.ndarray) -> Itera
             raise _EndOfRange()
         return state["ordinal"] in chosen
 
-    delivered = 0
+    delivered, problem = 0, ""
     try:
         samples = tarfile_samples([{"url": path}], handler=_stop_at_end_of_range,
                                   select_files=select)
         for ordinal, fields in zip(ordinals, samples):
             yield _Raw(base + ordinal, fields["__key__"], path, fields)
             delivered += 1
-        if delivered < len(ordinals):
-            log.warning("shard %s ended after %d samples; expected at least %d",
-                        path, state["ordinal"] + 1, last + 1)
+        problem = f"it ends after {state['ordinal'] + 1} samples"
     except Exception as exc:  # a broken shard must not stop training: its samples are skipped
-        log.warning("shard %s unreadable after %d wanted samples: %s", path, delivered, exc)
+        problem = f"unreadable: {exc}"
+    if delivered < len(ordinals):  # one line per shard, with the count (decode_sample is quiet)
+        log.warning("shard %s is truncated or corrupt (%s): skipping %d of the %d samples wanted "
+                    "from it", path, problem, len(ordinals) - delivered, len(ordinals))
     for ordinal in ordinals[delivered:]:
         yield _Raw(base + ordinal, f"#{ordinal}", path, None)
 
@@ -117,10 +119,10 @@ def read_positions(data: ShardSet, segments: Sequence[Segment],
 
 
 def decode_sample(raw: _Raw) -> tuple[Image.Image | None, int]:
-    """(RGB image or None if missing/corrupt, label or -1); a bad sample is logged once."""
+    """(8-bit RGB image or None if missing/corrupt, label or -1); a bad sample is logged once
+    (an unreadable one by `_read_segment`, once per shard)."""
     label = -1
     if raw.fields is None:
-        log.warning("skipping sample %s of shard %s: not readable", raw.key, raw.shard)
         return None, label
     if "cls" in raw.fields:
         try:
@@ -133,6 +135,8 @@ def decode_sample(raw: _Raw) -> tuple[Image.Image | None, int]:
         return None, label
     try:
         with Image.open(io.BytesIO(encoded)) as image:
+            if image.mode.startswith("I"):  # 16-bit greyscale: convert() would clip it to white
+                image = Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
             return image.convert("RGB"), label
     except Exception as exc:  # PIL raises many types for corrupt data
         log.warning("skipping corrupt sample %s of shard %s: %s", raw.key, raw.shard, exc)
@@ -313,15 +317,20 @@ class ShardLoader:
         yield from make_loader(self._stream, self.num_workers)
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """SIGTERM (preemption, scancel, requeue) is for the training process, which checkpoints
-    the current step and exits; a worker dying first would turn that into a crash."""
+def _leave_signals_to_trainer(worker_id: int) -> None:
+    """SIGTERM (preemption, scancel, requeue) and SIGINT (Ctrl-C reaches a terminal's whole
+    process group) are for the training process, which checkpoints the current step and exits;
+    a worker dying first would turn that into a crash."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
     """Batches come collated from the stream. The DataLoader draws its workers' base seed from
     a private generator: all randomness here is seeded per sample, and the caller's global
-    RNG must not advance because data was loaded."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_ignore_sigterm,
-                      generator=torch.Generator().manual_seed(0))
+    RNG must not advance because data was loaded. Workers that ignore SIGTERM would block
+    multiprocessing's exit hook forever, so this process kills them at exit instead."""
+    if num_workers:
+        kill_data_workers_at_exit()
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      worker_init_fn=_leave_signals_to_trainer, generator=torch.Generator().manual_seed(0))

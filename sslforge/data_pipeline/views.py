@@ -54,6 +54,8 @@ class MultiViewTransform:
     def __init__(self, views: Sequence[Any]) -> None:
         if not views:
             raise ValueError("at least one view is required")
+        if any(v.size is None for v in views):  # load_config sizes those of data.views
+            raise ValueError("every view needs a size; a method's own views take data.image_size")
         self.pipelines = [_view_pipeline(v) for v in views for _ in range(v.count)]
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:

@@ -1,7 +1,10 @@
 """Run monitoring on rank 0: wandb (offline without credentials), metrics.jsonl, a progress bar.
 
 Every record sent to wandb is also appended to RUN_DIR/metrics.jsonl with its `step`, so runs
-can be read without wandb and tests can check what was logged.
+can be read without wandb and tests can check what was logged. A run that restarts from a
+checkpoint re-does the steps after it, so at start rank 0 drops their records (and a record
+re-logged at the checkpoint's own step, such as its epoch-end kNN, replaces the earlier one):
+metrics.jsonl holds one record of each kind per step, as wandb does.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -27,6 +30,33 @@ def _wandb_mode(requested: str) -> str:
     return requested
 
 
+def _metric_names(record: dict[str, Any]) -> frozenset[str]:
+    """What a record reports: a training step and a kNN evaluation at one step are both kept."""
+    return frozenset(record) - {"step", "epoch", "time"}
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of metrics.jsonl; a line cut short by a crash is dropped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _rewrite(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Atomically replace metrics.jsonl with the records `keep` accepts; returns them."""
+    kept = [r for r in _read_records(path) if keep(r)]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept
+
+
 class Monitor:
     def __init__(self, cfg: DictConfig, run_dir: Path, total_steps: int, start_step: int,
                  wandb_id: str | None, is_main: bool) -> None:
@@ -35,9 +65,14 @@ class Monitor:
         self.run = None
         self.progress: Progress | None = None
         self.wandb_id = wandb_id
+        self.start_step = start_step
+        self.logged_at_start: set[frozenset[str]] = set()  # kinds a re-logged record replaces
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if self.metrics_path.exists():
+            kept = _rewrite(self.metrics_path, lambda r: r.get("step") is None or r["step"] <= start_step)
+            self.logged_at_start = {_metric_names(r) for r in kept if r.get("step") == start_step}
         mode = _wandb_mode(cfg.logging.wandb_mode)
         if mode != "disabled":
             import wandb
@@ -58,6 +93,10 @@ class Monitor:
         if not self.is_main:
             return
         record = {**record, "time": time.time()}
+        names = _metric_names(record)
+        if record["step"] == self.start_step and names in self.logged_at_start:
+            self.logged_at_start.discard(names)
+            _rewrite(self.metrics_path, lambda r: r.get("step") != self.start_step or _metric_names(r) != names)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.run is not None:
