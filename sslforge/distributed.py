@@ -105,6 +105,24 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (same shape on every rank) over ranks, rank order, no gradient:
+    MoCo's keys for the queue and the negatives, shuffle BN's inputs."""
+    if not is_distributed():
+        return tensor
+    return torch.cat(_all_gather(tensor, "all_gather"), dim=0)
+
+
+@torch.no_grad()
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """`src`'s `tensor` on every rank, in place (shuffle BN's permutation)."""
+    if is_distributed():
+        _check_device("broadcast", tensor)
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+@torch.no_grad()
 def gather_uneven(tensor: torch.Tensor, chunk_bytes: int = GATHER_CHUNK_BYTES) -> torch.Tensor:
     """Concatenate tensors whose first dimension differs between ranks (eval features, labels).
 

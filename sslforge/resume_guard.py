@@ -29,6 +29,8 @@ from sslforge.config import ConfigError, load_resolved
 NEVER = frozenset({
     "method",  # the method's networks, loss and state
     "model.backbone", "model.small_stem", "model.proj_hidden_dim", "model.proj_output_dim",  # shapes
+    "model.patch_size", "model.num_heads", "model.vit_init",
+    "model.vit_frozen_patch_embed", "model.vit_sincos_pos_embed",  # which parameters train
     "optim.name", "optim.exclude_bias_and_norm", "engine.zero_stage",  # optimiser state layout
     "optim.batch_size",  # the data position and the schedule count global batches
     "data.train", "data.mode", "data.samples_per_epoch", "train.seed",  # what the position points into
@@ -37,8 +39,10 @@ NEVER = frozenset({
 CONSENT = frozenset({
     "train.epochs", "train.steps",
     "optim.base_lr", "optim.lr_scaling", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay",
+    "optim.weight_decay_end",
     "optim.momentum", "optim.betas", "optim.lars_eta",
-    "engine.precision", "engine.grad_clip",
+    "engine.precision", "engine.grad_clip", "engine.grad_clip_mode",
+    "model.drop_path",
     "model.sync_bn",  # same tensors; statistics over the global or the local batch from now on
 })
 FREE = frozenset({

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from sslforge import distributed
 from sslforge.config import load_config
 from sslforge.launcher.env import init_distributed
+from sslforge.methods import method_class
 from sslforge.trainer.loop import Trainer
 
 TINY = ["model.backbone=resnet10", "data.image_size=16", "model.proj_hidden_dim=32",
@@ -21,9 +22,10 @@ def tiny_config(run_dir: Path | str, *overrides: str, recipe: str = "simclr_synt
     return load_config(recipe, [*TINY, f"run_dir={run_dir}", *overrides])
 
 
-def global_batch(batch_size: int, image_size: int = 16, views: int = 2, seed: int = 0) -> dict[str, Any]:
+def global_batch(batch_size: int, sizes: Sequence[int] = (16, 16), seed: int = 0) -> dict[str, Any]:
+    """Random crops, one (B, 3, s, s) tensor per entry of `sizes` (multi-crop: several sizes)."""
     g = torch.Generator().manual_seed(seed)
-    return {"views": [torch.randn(batch_size, 3, image_size, image_size, generator=g) for _ in range(views)],
+    return {"views": [torch.randn(batch_size, 3, s, s, generator=g) for s in sizes],
             "label": torch.arange(batch_size), "index": torch.arange(batch_size), "skipped": 0}
 
 
@@ -50,11 +52,17 @@ class FixedLoader:
         return iter(self.batches[self.skip:])
 
 
+def view_sizes(cfg: DictConfig) -> list[int]:
+    """The crop size of every view the method asks for, in batch order."""
+    views = list(cfg.data.views) or method_class(cfg.method.name).views(cfg)
+    return [v.size or cfg.data.image_size for v in views for _ in range(v.count)]
+
+
 def step_trainer(run_dir: str, *overrides: str, batch_size: int = 8) -> Trainer:
     """A Trainer for one step on this rank's slice of a fixed global batch (process group up)."""
     cfg = tiny_config(run_dir, f"optim.batch_size={batch_size}", "train.steps=1", *overrides)
     env = init_distributed("gloo")
-    batch = local_slice(global_batch(batch_size), distributed.rank(), env.world_size)
+    batch = local_slice(global_batch(batch_size, view_sizes(cfg)), distributed.rank(), env.world_size)
     return Trainer(cfg, env, loader=FixedLoader([batch]))
 
 
@@ -62,17 +70,20 @@ def one_step(run_dir: str, *overrides: str, batch_size: int = 8) -> dict[str, An
     """One real training step (Trainer, DeepSpeed engine) on this rank's slice of a fixed batch.
 
     Returns the loss (mean over ranks), whether every rank's loss was finite, the gradients
-    after backward (absent under ZeRO-2, which frees `p.grad`), and every parameter after the
-    step and its update (after minus before), so runs on different ranks, ZeRO stages or
+    after backward (absent under ZeRO-2, which frees `p.grad`), every parameter after the
+    step and its update (after minus before), and the method's buffers after its post-step
+    hook (teachers' statistics, queues, centres), so runs on different ranks, ZeRO stages or
     precisions can be compared.
     """
     trainer = step_trainer(run_dir, *overrides, batch_size=batch_size)
     named = dict(trainer.method.named_parameters())
     before = {n: p.detach().clone() for n, p in named.items()}
+    trainer.begin_step()
     out, finite = trainer.forward_backward(trainer.loader.batches[0])
     grads = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
-    trainer.engine.step()
+    applied = finite and trainer.apply_step()
     params = {n: p.detach().clone() for n, p in named.items()}
+    buffers = {n: b.detach().clone() for n, b in trainer.method.named_buffers()}
     loss = distributed.all_reduce_mean(out["loss"].detach()).item()
-    return {"loss": loss, "finite": finite, "grads": grads, "params": params,
-            "update": {n: params[n] - before[n] for n in named}}
+    return {"loss": loss, "finite": finite, "applied": applied, "grads": grads, "params": params,
+            "buffers": buffers, "update": {n: params[n] - before[n] for n in named}}

@@ -1,8 +1,25 @@
 """The method contract: what every method declares and what the trainer may call.
 
 A method owns its networks, its loss and its state (queues, prototypes, centres, teachers);
-the trainer knows nothing method-specific. Non-trained state lives in buffers or in modules
-whose parameters do not require grad, so it is saved in checkpoints but never optimised.
+the trainer knows nothing method-specific and never names a method. Where each need goes:
+
+- Crops: `views` (one `ViewConfig` per augmentation pipeline, `count` crops each, any sizes:
+  BYOL's asymmetric pair, DINO's 2 global + N local crops). `batch["views"]` is the list of crops
+  in that order, one (B, 3, size, size) tensor each; `models.multicrop` runs a backbone once per
+  resolution.
+- Loss: `training_step`, written with the plain distributed-aware functions of `sslforge.losses`.
+- Scalars that change per step (EMA momentum, teacher temperature): `schedules` returns one
+  value per optimiser step, built once; before each step the trainer sets `self.scheduled` to
+  that step's values, read in `training_step` and `on_after_optimizer_step`. Learning rate and
+  weight decay are the trainer's (`optim.*`; `optim.weight_decay_end` makes weight decay a
+  per-step cosine on the decayed groups, as DINO's).
+- Parameter groups with their own rules: `param_groups` (keys below).
+- Gradient clipping: `engine.grad_clip` with `engine.grad_clip_mode` global (DeepSpeed's norm over
+  all parameters) or per_param (each parameter's gradient norm, as DINO's `clip_gradients`).
+- Teachers, key encoders: modules whose parameters do not require grad, outside the optimiser,
+  updated in `on_after_optimizer_step` (`models.ema`), kept float32 by `fp32_modules`.
+- Queues, centres, prototypes: buffers, so checkpoints save and restore them exactly.
+- The evaluated and exported network: `encoder` (DINO: the teacher backbone; MoCo: the query one).
 
 When state may change (the trainer skips a step whose loss or gradients are not finite on any
 rank, and must then leave the method exactly as it was):
@@ -12,11 +29,15 @@ rank, and must then leave the method exactly as it was):
 - Everything else (queues, centres, prototypes, teachers, cluster assignments) changes only in
   `on_after_optimizer_step`, which a skipped step never reaches. State computed from the batch
   (MoCo's keys, DINO's batch centre) is kept on `self` during the forward and committed there.
+  (MoCo's key encoder is updated there, after the optimiser, which is the same sequence as the
+  paper's update at the start of the next forward.)
 """
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from typing import Any
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -33,6 +54,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.scheduled: dict[str, float] = {}  # this step's values of `schedules`, set by the trainer
 
     @classmethod
     @abstractmethod
@@ -53,11 +75,22 @@ class Method(nn.Module, metaclass=ABCMeta):
         """The network that is evaluated and exported."""
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters, optionally split with keys the trainer understands:
-        `no_decay` (no weight decay, no LARS adaptation) and `freeze_steps` (lr held at 0
-        for the first steps; under ZeRO-2 `p.grad` is None after backward, so freezing is done
-        through the learning rate, not by zeroing gradients)."""
+        """Trainable parameters, optionally split into groups with keys the trainer understands:
+        - `no_decay`: no weight decay and no LARS adaptation (biases and norm weights are split
+          off automatically when `optim.exclude_bias_and_norm`);
+        - `fixed_lr`: the group's learning rate stays at the scaled peak, no warm-up or decay
+          (SimSiam's predictor);
+        - `freeze_epochs`: for the first `round(freeze_epochs * steps_per_epoch)` steps the
+          parameters and their optimiser state do not move (DINO's last layer): their gradients
+          are zeroed as they are produced, and the group's lr and weight decay held at 0, under
+          every ZeRO stage and precision."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        """Per-step values of the method's own scalars, `total_steps` long each
+        (`trainer.schedule` has the published shapes); the trainer puts step t's values in
+        `self.scheduled` before step t."""
+        return {}
 
     def fp32_modules(self) -> list[nn.Module]:
         """Modules kept in float32 whatever the engine's precision (EMA teachers)."""

@@ -24,7 +24,7 @@ def deepspeed_config(cfg: DictConfig, local_batch: int, world_size: int) -> dict
         "train_micro_batch_size_per_gpu": local_batch,
         "train_batch_size": local_batch * world_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": float(cfg.engine.grad_clip),  # 0.0 disables
+        "gradient_clipping": global_clip(cfg),  # 0.0 disables
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "zero_allow_untested_optimizer": True,
         # weights, gradients and optimiser state in fp32; autocast is the only reduced precision
@@ -40,6 +40,12 @@ def deepspeed_config(cfg: DictConfig, local_batch: int, world_size: int) -> dict
     }
 
 
+def global_clip(cfg: DictConfig) -> float:
+    """The norm DeepSpeed clips the global gradient to (0: off; per-parameter clipping is the
+    trainer's, after the gradients are averaged)."""
+    return float(cfg.engine.grad_clip) if cfg.engine.grad_clip_mode == "global" else 0.0
+
+
 def _autocast_config(precision: str) -> dict[str, Any]:
     if precision != "bf16":
         return {"enabled": False}
@@ -52,7 +58,7 @@ def _autocast_config(precision: str) -> dict[str, Any]:
 def expected_settings(cfg: DictConfig) -> dict[str, Any]:
     """What the engine must report for `cfg` (the names are the engine's accessors)."""
     bf16 = cfg.engine.precision == "bf16"
-    clip = float(cfg.engine.grad_clip)
+    clip = global_clip(cfg)
     return {"gradient_clipping": clip, "optimizer_clip_grad": clip,
             "zero_optimization_stage": cfg.engine.zero_stage,
             "torch_autocast_enabled": bf16,
@@ -96,7 +102,7 @@ def restore_settings(engine: deepspeed.DeepSpeedEngine, cfg: DictConfig) -> None
     read at every step, with no public setter.
     """
     if hasattr(engine.optimizer, "clip_grad"):
-        engine.optimizer.clip_grad = float(cfg.engine.grad_clip)
+        engine.optimizer.clip_grad = global_clip(cfg)
     check_settings(engine, cfg)
 
 
@@ -108,9 +114,3 @@ def build_engine(method: Method, optimizer: torch.optim.Optimizer, cfg: DictConf
         module.float()
     check_settings(engine, cfg)
     return engine
-
-
-def set_learning_rates(engine: deepspeed.DeepSpeedEngine, lr: float, step: int) -> None:
-    """Schedule value for every group; groups still inside `freeze_steps` get 0."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = 0.0 if step < group.get("freeze_steps", 0) else lr

@@ -24,12 +24,12 @@ from sslforge.methods import build_method
 from sslforge.models.norm import convert_to_global_bn
 from sslforge.trainer import preemption
 from sslforge.trainer.checkpoint import CheckpointManager
-from sslforge.trainer.engine import build_engine, restore_settings, set_learning_rates
+from sslforge.trainer.engine import build_engine, restore_settings
+from sslforge.trainer.group_rules import GroupRules, clip_per_parameter, method_schedules
 from sslforge.trainer.monitor import Monitor
 from sslforge.trainer.nonfinite import (BufferSnapshot, all_finite, grads_finite, nonfinite_tensors,
                                         refusal_message, skipped_summary)
 from sslforge.trainer.optim import build_optimizer
-from sslforge.trainer.schedule import cosine_schedule, scaled_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,10 +91,11 @@ class Trainer:
         self.loader = loader if loader is not None else self._build_loader()
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
-        peak = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size, cfg.optim.lr_scaling)
-        warmup = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        self.lr_schedule = cosine_schedule(peak, cfg.optim.min_lr, self.total_steps, warmup)
-        optimizer = build_optimizer(self.method, self.method.param_groups(), cfg, lr=peak)
+        self.rules = GroupRules(cfg, self.total_steps, self.steps_per_epoch)
+        self.schedules = method_schedules(self.method.schedules(self.total_steps, self.steps_per_epoch),
+                                          self.total_steps)
+        groups = self.rules.prepare(self.method.param_groups())
+        optimizer = build_optimizer(self.method, groups, cfg, lr=self.rules.peak_lr)
         self.engine = build_engine(self.method, optimizer, cfg, self.local_batch, env.world_size)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
         self.pos = Position()
@@ -127,6 +128,12 @@ class Trainer:
         return state.get("wandb_id")
 
     # ------------------------------------------------------------------ steps
+    def begin_step(self) -> dict[str, float]:
+        """This step's schedule values: into the optimiser's groups and the method's `scheduled`."""
+        values = self.rules.apply(self.engine.optimizer, self.pos.step)
+        self.method.scheduled = {name: float(v[self.pos.step]) for name, v in self.schedules.items()}
+        return {"lr": values.lr, "weight_decay": values.weight_decay, **self.method.scheduled}
+
     def forward_backward(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
         """Forward and (when every rank's loss is finite) backward; returns (outputs, finite):
         finite when, on every rank, the loss, the running statistics the forward updated and the
@@ -139,24 +146,30 @@ class Trainer:
         if finite:
             self.engine.backward(out["loss"])
             finite = not distributed.any_rank(not grads_finite(self.method))
+        if finite and self.cfg.engine.grad_clip_mode == "per_param" and self.cfg.engine.grad_clip:
+            clip_per_parameter(self.method.parameters(), self.cfg.engine.grad_clip)  # averaged grads (ZeRO 0)
         return out, finite
 
+    def apply_step(self) -> bool:
+        """The optimiser step, then the method's post-step hook; False when it was not applied."""
+        self.engine.step()
+        # ZeRO 1/2: DeepSpeed checks the reduced gradient partitions itself and skips the
+        # update (on every rank, its norm being global) when they are not finite.
+        if not self.engine.was_step_applied():
+            return False
+        self.method.on_after_optimizer_step(self.pos.step, self.total_steps)
+        return True
+
     def _step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        lr = float(self.lr_schedule[self.pos.step])
-        set_learning_rates(self.engine, lr, self.pos.step)
+        record: dict[str, Any] = self.begin_step()
         before = BufferSnapshot(self.method.forward_buffers())  # the forward updates running statistics
         out, finite = self.forward_backward(batch)
+        finite = finite and self.apply_step()
         if finite:
-            self.engine.step()
-            # ZeRO 1/2: DeepSpeed checks the reduced gradient partitions itself and skips the
-            # update (on every rank, its norm being global) when they are not finite.
-            finite = self.engine.was_step_applied()
-        if finite:
-            self.method.on_after_optimizer_step(self.pos.step, self.total_steps)
             self.pos.nonfinite_steps = 0
         else:
             self._skip(before)
-        record: dict[str, Any] = {"lr": lr, "loss": float(distributed.all_reduce_mean(out["loss"].detach()).item())}
+        record["loss"] = float(distributed.all_reduce_mean(out["loss"].detach()).item())
         if "embedding" in out:
             record["embedding_std"] = float(distributed.all_reduce_mean(embedding_std(out["embedding"])).item())
         for key, value in out.items():

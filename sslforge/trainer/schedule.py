@@ -23,3 +23,16 @@ def cosine_schedule(peak: float, final: float, total_steps: int, warmup_steps: i
     rest = np.arange(total_steps - warmup_steps)
     decay = final + 0.5 * (peak - final) * (1 + np.cos(np.pi * rest / max(len(rest), 1)))
     return np.concatenate([warmup, decay])
+
+
+def momentum_schedule(base: float, total_steps: int) -> np.ndarray:
+    """EMA momentum rising from `base` towards 1 on a half cosine, one value per step (BYOL,
+    MoCo v3, DINO): m_t = 1 - (1 - base) * (cos(pi * t / T) + 1) / 2."""
+    return cosine_schedule(base, 1.0, total_steps, 0)
+
+
+def per_epoch(values: np.ndarray, steps_per_epoch: int, total_steps: int) -> np.ndarray:
+    """A schedule published per epoch (DINO's teacher temperature), one value per step: each
+    epoch's value for all of its steps, the last value past the end of `values`."""
+    epochs = np.minimum(np.arange(total_steps) // max(steps_per_epoch, 1), len(values) - 1)
+    return np.asarray(values, dtype=float)[epochs]
