@@ -60,8 +60,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"
-    small_stem: Optional[bool] = None  # None: automatic for images <= 64 px
+    backbone: str = "resnet50"  # resnet10/18/34/50/101 | vit_tiny/small/base (models/backbones.py)
+    small_stem: Optional[bool] = None  # ResNets; None: automatic for images <= 64 px
+    patch_size: Optional[int] = None  # ViTs; None: 16, or 4 for images <= 64 px
+    num_heads: Optional[int] = None  # ViTs; None: the model's standard (MoCo v3's ViT-S: 12)
+    drop_path: float = 0.0  # ViTs: stochastic-depth rate of the last block
+    vit_init: str = "timm"  # ViTs: timm | dino | moco (the published initialisations)
+    vit_frozen_patch_embed: bool = False  # MoCo v3: random patch projection, frozen
+    vit_sincos_pos_embed: bool = False  # MoCo v3: fixed 2-D sin-cos position embedding
     sync_bn: bool = True
     proj_hidden_dim: int = 2048
     proj_output_dim: int = 128
@@ -76,6 +82,7 @@ class OptimConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
+    weight_decay_end: Optional[float] = None  # set: per-step cosine from weight_decay to it (DINO)
     momentum: float = 0.9
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     lars_eta: float = 0.001
@@ -87,6 +94,7 @@ class EngineConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     precision: str = "fp32"  # fp32 | bf16 (DeepSpeed torch_autocast: fp32 weights, bf16 compute)
     grad_clip: float = 0.0  # 0 disables
+    grad_clip_mode: str = "global"  # global: norm over all parameters | per_param: each one's (DINO)
     backend: str = "auto"  # auto | nccl | gloo
     collective_timeout_min: int = 60  # long rank-0 work (clustering, eval) must not trip it
     peer_timeout_s: float = 20.0  # a rank silent this long is dead: every rank exits (launcher/watchdog.py)
@@ -165,6 +173,8 @@ _CHOICES = {
     "engine.precision": ("fp32", "bf16"),
     "engine.backend": ("auto", "nccl", "gloo"),
     "engine.zero_stage": (0, 1, 2),
+    "engine.grad_clip_mode": ("global", "per_param"),
+    "model.vit_init": ("timm", "dino", "moco"),
     "train.on_nonfinite": ("skip", "stop"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
 }
@@ -340,6 +350,15 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optim.name == "lars" and cfg.engine.zero_stage > 0:
         raise ConfigError("invalid value for 'engine.zero_stage': LARS's layer-wise trust ratio needs "
                           "whole parameters, which ZeRO stage 1/2 flattens; use 0 or optim.name=adamw")
+    if cfg.engine.grad_clip_mode == "per_param" and cfg.engine.grad_clip and cfg.engine.zero_stage > 0:
+        raise ConfigError("invalid value for 'engine.grad_clip_mode': per_param clipping needs each "
+                          "parameter's whole gradient, which ZeRO stage 1/2 partitions; use zero_stage 0")
+    from sslforge.models.backbones import check_model_config  # here: the CLI imports config early
+
+    try:
+        check_model_config(cfg.model, cfg.data.image_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if len(cfg.optim.betas) != 2:
         raise ConfigError("invalid value for 'optim.betas': expected two numbers")
     for i, view in enumerate(cfg.data.views):

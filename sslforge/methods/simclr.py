@@ -32,7 +32,7 @@ class SimCLR(Method):
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
-        self.backbone, dim = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.small_stem)
+        self.backbone, dim = build_backbone(cfg.model, cfg.data.image_size)
         self.projector = mlp(dim, cfg.model.proj_hidden_dim, cfg.model.proj_output_dim, cfg.method.proj_layers)
         self.temperature = cfg.method.temperature
 
