@@ -1,5 +1,9 @@
 """Losses as plain, distributed-aware functions, usable outside the trainer."""
 from sslforge.losses.contrastive import nt_xent
+from sslforge.losses.cosine import negative_cosine
+from sslforge.losses.distillation import dino_center, dino_loss
+from sslforge.losses.info_nce import info_nce
 from sslforge.losses.precision import autocast_disabled, float32_loss
 
-__all__ = ["autocast_disabled", "float32_loss", "nt_xent"]
+__all__ = ["autocast_disabled", "dino_center", "dino_loss", "float32_loss", "info_nce",
+           "negative_cosine", "nt_xent"]
