@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
+import time
 import traceback
 from typing import Any, Callable
 
@@ -27,6 +29,20 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue:
         queue.put((rank, None, traceback.format_exc()))
 
 
+def _dead(procs: list[Any], results: dict[int, Any]) -> dict[int, int]:
+    return {r: p.exitcode for r, p in enumerate(procs) if r not in results and p.exitcode is not None}
+
+
+def _check_alive(procs: list[Any], results: dict[int, Any], deadline: float) -> None:
+    """A rank that exited without reporting (killed, `os._exit`) fails the call now, not at the
+    timeout; its result would have been queued before it exited."""
+    dead = _dead(procs, results)
+    if dead:
+        raise RuntimeError(f"rank(s) exited without a result: {dead} (rank: exit code)")
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"ranks {sorted(set(range(len(procs))) - set(results))} gave no result in time")
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
     """fn(*args) on every rank after the process group is up; returns results in rank order."""
     ctx = mp.get_context("spawn")
@@ -36,9 +52,17 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in procs:
-            rank, value, error = queue.get(timeout=timeout)
+        while len(results) < world_size:
+            try:
+                rank, value, error = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                try:  # a result put just before its rank exited may still be in the pipe
+                    rank, value, error = queue.get(timeout=5.0 if _dead(procs, results) else 0.0)
+                except queue_module.Empty:
+                    _check_alive(procs, results, deadline)
+                    continue
             if error:
                 raise RuntimeError(f"rank {rank} failed:\n{error}")
             results[rank] = torch.load(io.BytesIO(value), weights_only=False)

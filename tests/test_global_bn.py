@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from sslforge import distributed
-from sslforge.models.norm import GlobalBatchNorm
+from sslforge.models.norm import GlobalBatchNorm, convert_to_global_bn
 from tests.dist_harness import run_ranks
 
 SHAPES = {"1d": (16, 5), "2d": (8, 3, 4, 4)}  # (N, C) and (N, C, H, W)
@@ -112,3 +112,16 @@ def test_two_ranks_equal_batchnorm_on_whole_batch(two_ranks, kind: str, scale: f
         for r in ranks:
             _close(r[key], ref[key], tol, f"{key} {kind} mean/std={scale:g} momentum={momentum}")
     assert all(r["num_batches_tracked"] == ref["num_batches_tracked"] == STEPS for r in ranks)
+
+
+def test_conversion_keeps_frozen_parameters_frozen() -> None:
+    """A teacher's batch norm (requires_grad False) must stay out of the optimiser after the
+    conversion that multi-rank runs apply; a 2-rank BYOL step once trained it."""
+    student, teacher = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    model = convert_to_global_bn(nn.ModuleDict({"student": student, "teacher": teacher}), torch.device("cpu"))
+    assert isinstance(model["teacher"], GlobalBatchNorm) and not model["teacher"].training
+    assert [p.requires_grad for p in model["teacher"].parameters()] == [False, False]
+    assert [p.requires_grad for p in model["student"].parameters()] == [True, True]
+    assert model["student"].weight is student.weight  # the same Parameter, as torch's conversion

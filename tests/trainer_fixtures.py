@@ -58,15 +58,15 @@ def view_sizes(cfg: DictConfig) -> list[int]:
     return [v.size or cfg.data.image_size for v in views for _ in range(v.count)]
 
 
-def step_trainer(run_dir: str, *overrides: str, batch_size: int = 8) -> Trainer:
+def step_trainer(run_dir: str, *overrides: str, batch_size: int = 8, recipe: str = "simclr_synth") -> Trainer:
     """A Trainer for one step on this rank's slice of a fixed global batch (process group up)."""
-    cfg = tiny_config(run_dir, f"optim.batch_size={batch_size}", "train.steps=1", *overrides)
+    cfg = tiny_config(run_dir, f"optim.batch_size={batch_size}", "train.steps=1", *overrides, recipe=recipe)
     env = init_distributed("gloo")
     batch = local_slice(global_batch(batch_size, view_sizes(cfg)), distributed.rank(), env.world_size)
     return Trainer(cfg, env, loader=FixedLoader([batch]))
 
 
-def one_step(run_dir: str, *overrides: str, batch_size: int = 8) -> dict[str, Any]:
+def one_step(run_dir: str, *overrides: str, batch_size: int = 8, recipe: str = "simclr_synth") -> dict[str, Any]:
     """One real training step (Trainer, DeepSpeed engine) on this rank's slice of a fixed batch.
 
     Returns the loss (mean over ranks), whether every rank's loss was finite, the gradients
@@ -75,7 +75,7 @@ def one_step(run_dir: str, *overrides: str, batch_size: int = 8) -> dict[str, An
     hook (teachers' statistics, queues, centres), so runs on different ranks, ZeRO stages or
     precisions can be compared.
     """
-    trainer = step_trainer(run_dir, *overrides, batch_size=batch_size)
+    trainer = step_trainer(run_dir, *overrides, batch_size=batch_size, recipe=recipe)
     named = dict(trainer.method.named_parameters())
     before = {n: p.detach().clone() for n, p in named.items()}
     trainer.begin_step()

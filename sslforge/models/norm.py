@@ -81,7 +81,9 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
         new.load_state_dict(module.state_dict())
-        return new
+        if module.affine:  # the same Parameters, as torch's SyncBatchNorm conversion: a frozen
+            new.weight, new.bias = module.weight, module.bias  # teacher's stay requires_grad=False
+        return new.train(module.training)
     for name, child in module.named_children():
         setattr(module, name, _convert_cpu(child))
     return module
