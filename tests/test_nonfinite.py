@@ -11,7 +11,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from unittest import mock
 
 import pytest
@@ -23,16 +23,17 @@ from sslforge.launcher.worker import run_rank
 from sslforge.methods import METHODS, build_method
 from sslforge.trainer.loop import NonFiniteLossError, Trainer
 from tests.dist_harness import run_ranks
-from tests.trainer_fixtures import FixedLoader, global_batch, local_slice, tiny_config
+from tests.trainer_fixtures import FixedLoader, global_batch, local_slice, tiny_config, view_sizes
 
 HIGH_LR = ["optim.base_lr=1e6", "optim.lr_scaling=none", "optim.warmup_epochs=0"]
 
 
-def _batches(world: int, batch: int, count: int, poison_step: int | None = None) -> FixedLoader:
-    """`count` fixed batches; at `poison_step` rank 1 alone gets a NaN pixel."""
+def _batches(world: int, batch: int, count: int, poison_step: int | None = None,
+             sizes: Sequence[int] = (16, 16)) -> FixedLoader:
+    """`count` fixed batches of crops of `sizes`; at `poison_step` rank 1 alone gets a NaN pixel."""
     batches = []
     for i in range(count):
-        part = local_slice(global_batch(batch, seed=i), distributed.rank(), world)
+        part = local_slice(global_batch(batch, sizes, seed=i), distributed.rank(), world)
         if i == poison_step and distributed.rank() == 1:
             part["views"][0][0, 0, 0, 0] = float("nan")
         batches.append(part)
@@ -70,16 +71,17 @@ class _Watched(Trainer):
         return record
 
 
-def _run_rank(run_dir: str, world: int, batch: int, count: int, poison_step: int | None,
+def _run_rank(recipe: str, run_dir: str, world: int, batch: int, count: int, poison_step: int | None,
               inf_grad_at: int | None, *overrides: str) -> dict[str, Any]:
     """`run_rank` (what `sslforge train` runs on every rank) on in-memory batches: its exit status,
     its stderr, and what each skipped step changed."""
-    cfg = tiny_config(run_dir, f"optim.batch_size={batch}", "train.log_every_steps=1", *overrides)
+    cfg = tiny_config(run_dir, f"optim.batch_size={batch}", "train.log_every_steps=1", *overrides, recipe=recipe)
     env = init_distributed("gloo")
     made: list[_Watched] = []
+    loader = _batches(world, batch, count, poison_step, view_sizes(cfg))
 
     def run(cfg: Any) -> Any:
-        made.append(_Watched(cfg, env, loader=_batches(world, batch, count, poison_step), inf_grad_at=inf_grad_at))
+        made.append(_Watched(cfg, env, loader=loader, inf_grad_at=inf_grad_at))
         return made[0].fit()
 
     err = io.StringIO()
@@ -122,7 +124,7 @@ def test_high_lr_skips_change_nothing_and_every_checkpoint_is_finite(tmp_path: P
     """base_lr=1e6: the running statistics overflow a few steps in, and from then on every step is
     skipped. Before the fix the overflowed batch-norm buffers stayed, the checkpoints written after
     it held them (with a small keep_last, pruning the last good one), and the run exited 0."""
-    results = run_ranks(_run_rank, 2, str(tmp_path), 2, 32, 4, None, None, *HIGH_LR, "train.steps=7",
+    results = run_ranks(_run_rank, 2, "simclr_synth", str(tmp_path), 2, 32, 4, None, None, *HIGH_LR, "train.steps=7",
                         "train.ckpt_every_steps=3", "train.keep_last=3")
     root = tmp_path / "checkpoints"
     ckpts = sorted(root.glob("step_*"))
@@ -159,7 +161,7 @@ def test_poison_batch_on_one_rank_is_undone_and_reported(tmp_path: Path) -> None
     """A NaN pixel on rank 1 at step 2: every rank skips it and puts back the running statistics
     (global-batch ones, so NaN on every rank); the run recovers, exits 0 and its last line says a
     step was skipped."""
-    results = run_ranks(_run_rank, 2, str(tmp_path), 2, 8, 3, 1, None, "train.steps=3")
+    results = run_ranks(_run_rank, 2, "simclr_synth", str(tmp_path), 2, 8, 3, 1, None, "train.steps=3")
     for r in results:
         assert r["changed"] == {2: []}
         assert r["finite"] and r["code"] == 0
@@ -173,13 +175,29 @@ def test_poison_batch_on_one_rank_is_undone_and_reported(tmp_path: Path) -> None
     assert records[-1]["nonfinite_skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("recipe, overrides", [
+    ("moco_v2_synth", ["method.queue_size=16"]),  # the queue and its pointer, the key encoder
+    ("byol_synth", []),  # the target network and its statistics
+    ("dino_synth", ["method.out_dim=64", "data.views.2.count=2"]),  # the centre, the teacher
+])
+def test_a_skipped_step_leaves_queues_teachers_and_centres_as_they_were(
+        tmp_path: Path, recipe: str, overrides: list[str]) -> None:
+    """The same poisoned batch for the methods with state beyond the parameters: the skipped
+    step changes nothing (the whole state dict and the optimiser state are compared)."""
+    results = run_ranks(_run_rank, 2, recipe, str(tmp_path), 2, 8, 3, 1, None, "train.steps=3", *overrides)
+    for r in results:
+        assert r["changed"] == {2: []}
+        assert r["finite"] and r["code"] == 0
+    assert [r["step"] for r in _records(tmp_path) if r.get("nonfinite_skipped")] == [2]
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_finite_loss_with_inf_gradient_is_skipped_by_every_rank(tmp_path: Path, zero_stage: int) -> None:
     """An overflow in the backward on rank 1 (finite loss): ZeRO 0 sees it in the reduced
     `p.grad`, ZeRO 2 in DeepSpeed's own check of its partitions; either way no parameter or
     optimiser state moves, the method's post-step hook is not run, and the step is logged as
     skipped."""
-    results = run_ranks(_run_rank, 2, str(tmp_path), 2, 8, 3, None, 1, "train.steps=3",
+    results = run_ranks(_run_rank, 2, "simclr_synth", str(tmp_path), 2, 8, 3, None, 1, "train.steps=3",
                         f"engine.zero_stage={zero_stage}")
     for r in results:
         assert r["changed"] == {2: []}
@@ -242,11 +260,12 @@ def test_training_step_changes_only_the_buffers_it_declares() -> None:
     """The method contract a skipped step relies on (methods/base.py): whatever `training_step`
     changes in place is in `forward_buffers()`, so the trainer can put it back."""
     for name in METHODS:
-        cfg = tiny_config("unused", f"method.name={name}")
+        cfg = tiny_config("unused", recipe=f"{name}_synth")
         method = build_method(cfg).train()
+        method.scheduled = {key: values[0] for key, values in method.schedules(10, 10).items()}
         declared = {id(b) for b in method.forward_buffers()}
         before = {n: b.clone() for n, b in method.named_buffers()}
-        method.training_step(global_batch(8), 0)
+        method.training_step(global_batch(8, view_sizes(cfg)), 0)
         changed = [n for n, b in method.named_buffers() if not torch.equal(before[n], b)]
         assert changed, name  # the running statistics moved
         assert all(id(dict(method.named_buffers())[n]) in declared for n in changed), (name, changed)

@@ -108,18 +108,38 @@ def job_processes(job_id: str) -> list[psutil.Process]:
 
 
 def start_requeued_now(job_id: str) -> JobState:
-    """Wait for the job to be back in the queue after a requeue and for its last run's processes
-    to be gone (SLURM refuses to start it before: "Job credential revoked"), then skip SLURM's
-    start delay."""
+    """Wait for the job to be back in the queue after a requeue, for its last run's processes to
+    be gone and its node to be done cleaning up, then skip SLURM's start delay.
+
+    The wait matters: slurmd revokes the job's credential when the last run ends, at a time in
+    whole seconds, and refuses a launch whose credential was issued in that second or before it
+    ("Killing non-startable batch JobId=N: Job credential revoked": the job FAILS). SLURM's own
+    two-minute delay never meets this; a start forced in the same second does."""
     wait_for(lambda: job_state(job_id).state == "PENDING" and job_state(job_id).restarts >= 1,
              f"job {job_id} to be requeued", timeout=120)
     wait_for(lambda: not job_processes(job_id), f"job {job_id}'s processes to end", timeout=120)
+    wait_for(lambda: "comp" not in _node_states(), f"job {job_id}'s node to finish its clean-up", timeout=120)
+    time.sleep(CREDENTIAL_CLOCK_S)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     return job_state(job_id)
 
 
+CREDENTIAL_CLOCK_S = 2.0  # past the second in which slurmd revoked the last run's credential
+
+
+def _node_states() -> str:
+    """The partition's node states as sinfo prints them ("idle", "comp" while a job completes, ...)."""
+    return subprocess.run(["sinfo", "-h", "-p", "cpu", "-o", "%t"], capture_output=True, text=True).stdout
+
+
 def task_log(run_dir: Path, job_id: str, rank: int, ext: str = "out") -> str:
     return (run_dir / "slurm" / job_id / f"{job_id}_{rank}_log.{ext}").read_text()
+
+
+def job_logs(run_dir: Path, job_id: str, tail: int = 3000) -> str:
+    """The end of every task log of the job, for a failure message that says why it failed."""
+    logs = sorted((run_dir / "slurm" / job_id).glob("*_log.*"))
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-tail:]}" for log in logs)
 
 
 # ----------------------------------------------------------------------------------- jobs
@@ -170,7 +190,7 @@ def test_usr2_checkpoints_at_the_step_requeues_and_matches_the_uninterrupted_run
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)  # what --signal=USR2@30 sends
     start_requeued_now(job.job_id)
     code, err = job.finish()
-    assert code == 0, err[-3000:]
+    assert code == 0, err[-3000:] + job_logs(run_dir, job.job_id)
 
     stopped = re.search(r"rank 0 stopped with a checkpoint at step (\d+)", task_log(run_dir, job.job_id, 0))
     assert stopped, task_log(run_dir, job.job_id, 0)
@@ -193,7 +213,7 @@ def test_scontrol_requeue_resumes_from_the_latest_checkpoint(
     start_requeued_now(job.job_id)
     resumed_from = latest_step(run_dir)  # the job is pending: nothing writes checkpoints now
     code, err = job.finish()
-    assert code == 0, err[-3000:]
+    assert code == 0, err[-3000:] + job_logs(run_dir, job.job_id)
 
     assert resumed_from >= 10
     steps = [r["step"] for r in train_records(run_dir)]
@@ -285,7 +305,7 @@ def test_a_lost_rank_requeues_the_job_from_its_checkpoint(reference: dict, synth
         resumed_from = latest_step(run_dir)  # the job is pending: nothing writes checkpoints now
     finally:
         code, err = job.finish()
-    assert code == 0, err[-3000:]
+    assert code == 0, err[-3000:] + job_logs(run_dir, job.job_id)
     assert state.restarts == 1 and requeued_in < 60
     assert "requeued job" in task_log(run_dir, job.job_id, 0) and "after a lost rank" in task_log(run_dir, job.job_id, 0)
     steps = [r["step"] for r in train_records(run_dir)]

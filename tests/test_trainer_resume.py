@@ -11,7 +11,7 @@ from sslforge import distributed
 from sslforge.launcher.env import init_distributed
 from sslforge.trainer.loop import NonFiniteLossError, Trainer
 from tests.dist_harness import run_ranks
-from tests.trainer_fixtures import FixedLoader, global_batch, local_slice, tiny_config
+from tests.trainer_fixtures import FixedLoader, global_batch, local_slice, losses_by_step, tiny_config
 
 BATCH, STEPS_PER_EPOCH = 8, 3
 
@@ -33,18 +33,13 @@ def _train(run_dir: str, world: int, stop_at: int | None, *overrides: str) -> in
     return Trainer(cfg, env, loader=_loader(world)).fit(stop_at_step=stop_at).step
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run_ranks(_train, 2, str(whole), 2, None) == [7, 7]
     assert run_ranks(_train, 2, str(split), 2, 4) == [4, 4]
     assert (split / "checkpoints" / "latest").read_text() == "step_00000004"
     assert run_ranks(_train, 2, str(split), 2, None) == [7, 7]
-    expected, resumed = _losses(whole), _losses(split)
+    expected, resumed = losses_by_step(whole), losses_by_step(split)
     assert sorted(resumed) == list(range(1, 8))  # no step lost or repeated
     for step in range(1, 8):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
@@ -96,7 +91,7 @@ def test_resume_mid_epoch_with_shard_stream(tmp_path: Path, synth_data: dict) ->
     assert run_ranks(_train_on_shards, 2, str(whole), synth_data["train"], None) == [10, 10]
     assert run_ranks(_train_on_shards, 2, str(split), synth_data["train"], 5) == [5, 5]
     assert run_ranks(_train_on_shards, 2, str(split), synth_data["train"], None) == [10, 10]
-    expected, resumed = _losses(whole), _losses(split)
+    expected, resumed = losses_by_step(whole), losses_by_step(split)
     assert sorted(resumed) == list(range(1, 11))
     for step in range(1, 11):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step

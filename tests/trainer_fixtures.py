@@ -1,6 +1,7 @@
 """Small configs and in-memory batches for trainer tests."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -87,3 +88,41 @@ def one_step(run_dir: str, *overrides: str, batch_size: int = 8, recipe: str = "
     loss = distributed.all_reduce_mean(out["loss"].detach()).item()
     return {"loss": loss, "finite": finite, "applied": applied, "grads": grads, "params": params,
             "buffers": buffers, "update": {n: params[n] - before[n] for n in named}}
+
+
+def one_step_of(run_dir: str, recipe: str, *overrides: str) -> dict[str, Any]:
+    """`one_step` of a recipe, with the recipe as a positional argument (`run_ranks` passes only those)."""
+    return one_step(run_dir, *overrides, recipe=recipe)
+
+
+def assert_two_ranks_equal_one(single: dict[str, Any], pair: list[dict[str, Any]], atol: float = 1e-5) -> None:
+    """The defining property of the distributed methods, on `one_step`'s results: 2 ranks with
+    B/2 each give the loss, gradients, updated parameters (teachers and key encoders included)
+    and buffers (queues, centres, global BN statistics) of 1 rank with B; both ranks hold the
+    same gradients and parameters; and the step did something (a non-zero gradient)."""
+    assert single["applied"] and all(rank["applied"] for rank in pair)
+    assert abs(pair[0]["loss"] - single["loss"]) < atol
+    assert pair[0]["loss"] == pair[1]["loss"]
+    for what in ("grads", "params", "buffers"):
+        assert_tensors_close(pair[0][what], single[what], what, atol)
+    for what in ("grads", "params"):
+        for name, value in pair[0][what].items():
+            assert torch.equal(pair[1][what][name], value), f"{what} {name} differs between ranks"
+    assert any(g.abs().sum() > 0 for g in single["grads"].values())
+
+
+def assert_tensors_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str,
+                         atol: float = 1e-5) -> None:
+    """Same names; floating tensors within `atol`, integer ones (queue pointers) equal."""
+    assert got.keys() == expected.keys(), what
+    for name, value in expected.items():
+        if value.is_floating_point():
+            assert torch.allclose(got[name].float(), value.float(), atol=atol, rtol=0), f"{what} {name}"
+        else:
+            assert torch.equal(got[name], value), f"{what} {name}"
+
+
+def losses_by_step(run_dir: Path | str) -> dict[int, float]:
+    """{step: loss} from a run's metrics.jsonl (the last record of a step wins, as after a resume)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}

@@ -4,9 +4,15 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from sslforge.methods.base import Method
+from sslforge.methods.byol import BYOL
+from sslforge.methods.dino import DINO
+from sslforge.methods.moco_v2 import MoCoV2
+from sslforge.methods.moco_v3 import MoCoV3
 from sslforge.methods.simclr import SimCLR
+from sslforge.methods.simsiam import SimSiam
 
-METHODS: dict[str, type[Method]] = {"simclr": SimCLR}
+METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam,
+                                  "moco_v2": MoCoV2, "moco_v3": MoCoV3, "dino": DINO}
 
 
 def method_class(name: str) -> type[Method]:

@@ -64,6 +64,7 @@ _VITS: dict[str, _ViTSize] = {
 }
 
 BACKBONES: tuple[str, ...] = (*_RESNETS, *_VITS)
+VIT_INITS: tuple[str, ...] = ("timm", "dino", "moco")
 
 
 def build_backbone(model_cfg: ModelConfig | Any, image_size: int) -> tuple[nn.Module, int]:
@@ -112,6 +113,8 @@ def _check_vit_keys(model_cfg: ModelConfig | Any, image_size: int) -> None:
                          f"of {model_cfg.backbone}")
     if not 0.0 <= model_cfg.drop_path < 1.0:
         raise ValueError(f"model.drop_path {model_cfg.drop_path} must be in [0, 1)")
+    if model_cfg.vit_init not in VIT_INITS:
+        raise ValueError(f"model.vit_init '{model_cfg.vit_init}' is not one of {', '.join(VIT_INITS)}")
 
 
 def vit_patch_size(model_cfg: ModelConfig | Any, image_size: int) -> int:
