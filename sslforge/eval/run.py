@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 from sslforge.config import load_resolved
-from sslforge.eval.knn import extract_features, weighted_knn
+from sslforge.eval.features import extract_features
+from sslforge.eval.knn import weighted_knn
 from sslforge.launcher.env import init_distributed
 from sslforge.methods import build_method
 from sslforge.trainer.checkpoint import load_module_weights
@@ -35,9 +36,9 @@ def evaluate_knn(source: Path, train: str, val: str, k: int = 20, temperature: f
         method.load_state_dict(weights)
         step = int(ckpt.name.removeprefix("step_"))
     encoder = method.encoder().to(env.device)
-    train_feats, train_labels = extract_features(encoder, train, cfg.data.image_size, batch_size, env, workers)
-    val_feats, val_labels = extract_features(encoder, val, cfg.data.image_size, batch_size, env, workers)
-    top1 = weighted_knn(train_feats, train_labels, val_feats, val_labels, k, temperature)
+    bank = extract_features(encoder, train, cfg.data.image_size, batch_size, env, workers)
+    queries = extract_features(encoder, val, cfg.data.image_size, batch_size, env, workers)
+    top1 = weighted_knn(bank.features, bank.labels, queries.features, queries.labels, k, temperature)
     record = {"step": step, "eval": "knn", "knn_top1": top1, "k": k, "temperature": temperature,
               "random_init": random_init, "train": train, "val": val, "time": time.time()}
     with open(run_dir / "metrics.jsonl", "a") as f:

@@ -20,6 +20,10 @@ the trainer knows nothing method-specific and never names a method. Where each n
   updated in `on_after_optimizer_step` (`models.ema`), kept float32 by `fp32_modules`.
 - Queues, centres, prototypes: buffers, so checkpoints save and restore them exactly.
 - The evaluated and exported network: `encoder` (DINO: the teacher backbone; MoCo: the query one).
+- Whole-dataset work before an epoch (PCL's and HCSC's k-means): `epoch_features_encoder` names
+  the network, the trainer extracts every training sample's feature with it (all ranks in
+  parallel, the evaluation transform, each sample once, in sample-index order: the `index` the
+  training batches carry) and hands them to `on_epoch_start`.
 
 When state may change (the trainer skips a step whose loss or gradients are not finite on any
 rank, and must then leave the method exactly as it was):
@@ -44,6 +48,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from sslforge.config import MethodConfig, ViewConfig
+from sslforge.eval.features import DatasetFeatures
 
 
 class Method(nn.Module, metaclass=ABCMeta):
@@ -110,6 +115,15 @@ class Method(nn.Module, metaclass=ABCMeta):
         """EMA teacher update, queue push, prototype normalisation, ...: called only after a
         step that updated the parameters, so state changed here is never left half-updated."""
 
-    def on_epoch_start(self, epoch: int) -> None:
-        """Whole-dataset work such as PCL's clustering."""
+    def epoch_features_encoder(self, epoch: int) -> nn.Module | None:
+        """The network whose features of every training sample the method needs before `epoch`
+        (PCL: its momentum encoder), or None for no whole-dataset pass (the default)."""
+        return None
+
+    def on_epoch_start(self, epoch: int, features: DatasetFeatures | None) -> dict[str, float]:
+        """Whole-dataset work (PCL's clustering) before the epoch's first step; `features` are
+        every training sample's, when `epoch_features_encoder` asked. Not called again when a
+        run resumes inside the epoch, so what it computes must be checkpointed (buffers, or
+        `get_extra_state` for state whose shape the dataset decides). Returns scalars to log."""
+        return {}
 

@@ -201,7 +201,8 @@ class Trainer:
         batches: Iterator[dict[str, Any]] = iter(())
         try:
             while pos.step < self.total_steps:
-                self.method.on_epoch_start(pos.epoch)
+                if pos.batch_in_epoch == 0:  # a resume inside the epoch has its state already
+                    self.epoch_start()
                 self.loader.set_epoch(pos.epoch, skip_batches=pos.batch_in_epoch)
                 window = _Window(time.perf_counter())
                 batches = iter(self.loader)
@@ -237,6 +238,23 @@ class Trainer:
         finally:
             _close(batches)
             self.monitor.close()
+
+    def epoch_start(self) -> None:
+        """The method's whole-dataset work before an epoch: the features of every training
+        sample when it asks for them (all ranks, every sample once), then `on_epoch_start`."""
+        epoch = self.pos.epoch
+        encoder = self.method.epoch_features_encoder(epoch)
+        features, record = None, {}
+        if encoder is not None:
+            from sslforge.eval.features import extract_features
+
+            t0 = time.perf_counter()
+            features = extract_features(encoder, self.cfg.data.train, self.cfg.data.image_size,
+                                        self.cfg.eval.batch_size, self.env, self.cfg.data.num_workers)
+            record["epoch_features_s"] = time.perf_counter() - t0
+        record.update(self.method.on_epoch_start(epoch, features))
+        if record:
+            self.monitor.log({"step": self.pos.step, "epoch": epoch, **record})
 
     def _log_train(self, record: dict[str, Any], window: "_Window") -> None:
         elapsed = max(time.perf_counter() - window.start, 1e-9)
