@@ -81,6 +81,7 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear | sqrt | none
     min_lr: float = 0.0
     warmup_epochs: float = 10.0
+    warmup_start_lr: float = 0.0  # the lr the linear warm-up starts from, absolute as min_lr (SwAV: 0.3)
     weight_decay: float = 1e-6
     weight_decay_end: Optional[float] = None  # set: per-step cosine from weight_decay to it (DINO)
     momentum: float = 0.9

@@ -38,7 +38,8 @@ NEVER = frozenset({
 })
 CONSENT = frozenset({
     "train.epochs", "train.steps",
-    "optim.base_lr", "optim.lr_scaling", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay",
+    "optim.base_lr", "optim.lr_scaling", "optim.min_lr", "optim.warmup_epochs",
+    "optim.warmup_start_lr", "optim.weight_decay",
     "optim.weight_decay_end",
     "optim.momentum", "optim.betas", "optim.lars_eta",
     "engine.precision", "engine.grad_clip", "engine.grad_clip_mode",

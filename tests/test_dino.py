@@ -21,8 +21,8 @@ from sslforge import distributed
 from sslforge.launcher.env import init_distributed
 from sslforge.trainer.loop import Trainer
 from tests.dist_harness import run_ranks
-from tests.trainer_fixtures import (FixedLoader, assert_two_ranks_equal_one, global_batch, local_slice,
-                                    losses_by_step, one_step_of, tiny_config, view_sizes)
+from tests.trainer_fixtures import (FixedLoader, assert_resumed_losses_equal, assert_two_ranks_equal_one,
+                                    global_batch, local_slice, one_step_of, tiny_config, view_sizes)
 
 RECIPE = "dino_synth"
 SMALL = ["method.out_dim=64", "data.views.2.count=2"]  # 2 global 16 px + 2 local 8 px crops
@@ -188,10 +188,7 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_resume_restores_teacher_and_centre(tmp_path: Path) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     states = run_ranks(_train_whole_and_split, 2, str(whole), str(split))
-    expected, resumed = losses_by_step(whole), losses_by_step(split)
-    assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
-    for step in range(1, RESUME_STEPS + 1):
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert_resumed_losses_equal(whole, split, RESUME_STEPS)
     for rank_states in states:
         assert rank_states["whole"].keys() == rank_states["split"].keys()
         assert any(k.startswith("teacher.") for k in rank_states["whole"]) and "center" in rank_states["whole"]

@@ -27,10 +27,15 @@ def _encoder() -> nn.Module:
 
 
 def _extract(shards: str, batch_size: int) -> dict:
+    """Rank 1's batch-norm statistics differ from rank 0's (per-rank BN): the pass must use rank
+    0's on every rank, without changing rank 1's own."""
     env = init_distributed("gloo")
     encoder = _encoder().train()
+    encoder[1].running_mean += env.rank
+    own = encoder[1].running_mean.clone()
     got = extract_features(encoder, shards, 16, batch_size, env, num_workers=0)
-    return {"features": got.features, "index": got.index, "labels": got.labels, "still_training": encoder.training}
+    return {"features": got.features, "index": got.index, "labels": got.labels,
+            "still_training": encoder.training, "own_stats_kept": torch.equal(encoder[1].running_mean, own)}
 
 
 def test_every_sample_once_in_index_order_on_uneven_ranks(tmp_path: Path) -> None:
@@ -45,6 +50,7 @@ def test_every_sample_once_in_index_order_on_uneven_ranks(tmp_path: Path) -> Non
     reference = nn.functional.normalize(_independent_features(tmp_path, expected_index), dim=1)
     assert torch.allclose(single["features"], reference, atol=1e-6)
     for rank in pair:
+        assert rank["own_stats_kept"]
         assert torch.equal(rank["index"], expected_index)
         assert torch.allclose(rank["features"], single["features"], atol=1e-6)
 

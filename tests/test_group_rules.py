@@ -18,6 +18,7 @@ from sslforge import distributed
 from sslforge.config import ConfigError
 from sslforge.launcher.env import init_distributed
 from sslforge.methods.simclr import SimCLR
+from sslforge.trainer.group_rules import GroupRules
 from sslforge.trainer.loop import Trainer
 from tests.dist_harness import run_ranks
 from tests.trainer_fixtures import FixedLoader, global_batch, local_slice, tiny_config
@@ -155,3 +156,15 @@ def test_per_parameter_clipping_under_zero_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="grad_clip_mode"):
         tiny_config(tmp_path, "engine.grad_clip_mode=per_param", "engine.grad_clip=3.0",
                     "engine.zero_stage=1", "optim.name=adamw")
+
+
+def test_warm_up_starts_from_warmup_start_lr(tmp_path) -> None:
+    """SwAV's `--start_warmup 0.3` at batch 4096: a line from 0.3 (absolute) to the scaled peak
+    0.3 x 4096 / 256 = 4.8, then the cosine to min_lr."""
+    cfg = tiny_config(tmp_path, "optim.batch_size=4096", "optim.base_lr=0.3", "optim.warmup_epochs=2",
+                      "optim.warmup_start_lr=0.3", "optim.min_lr=0.0048")
+    lr = GroupRules(cfg, total_steps=10, steps_per_epoch=2).lr
+    for t in range(4):
+        assert lr[t] == pytest.approx(0.3 + (4.8 - 0.3) * t / 4), t
+    assert lr[4] == pytest.approx(4.8) and lr[-1] > 0.0048 and lr[-1] == pytest.approx(
+        0.0048 + 0.5 * (4.8 - 0.0048) * (1 + math.cos(math.pi * 5 / 6)))

@@ -13,6 +13,8 @@ from sslforge.config import list_recipes
 from tests.test_cli import sslforge
 
 SYNTH_PRESETS = [r for r in list_recipes() if r.endswith("_synth") and r != "simclr_synth"]  # SimCLR: test_learning
+# The clustering methods cluster from the first epoch, so the CLI run goes through the whole-dataset pass.
+OWN = {"pcl_synth": ["method.clustering_starts_epoch=0"], "hcsc_synth": ["method.clustering_starts_epoch=0"]}
 
 
 def test_every_method_has_a_cpu_preset() -> None:
@@ -26,10 +28,12 @@ def test_preset_trains_two_ranks_end_to_end(preset: str, synth_data: dict, tmp_p
     run_dir = tmp_path / "run"
     result = sslforge("train", preset, f"data.train={synth_data['train']}", f"data.val={synth_data['val']}",
                       f"run_dir={run_dir}", "train.steps=3", "train.log_every_steps=1", "eval.every_epochs=0",
-                      "logging.progress=false", "--nproc", "2", timeout=600)
+                      "logging.progress=false", *OWN.get(preset, []), "--nproc", "2", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert [r["knn_top1"] for r in records if "knn_top1" in r]
     assert (run_dir / "checkpoints" / "latest").is_file()
+    if preset in OWN:
+        assert [r["clustering_s"] for r in records if "clustering_s" in r]

@@ -23,8 +23,9 @@ from sslforge.methods.moco_v2 import own_rows, shuffle_across_ranks, unshuffle_a
 from sslforge.trainer.loop import Trainer
 from tests.dist_harness import run_ranks
 from tests.test_trainer_resume import BATCH, _loader
-from tests.trainer_fixtures import (assert_tensors_close, assert_two_ranks_equal_one, global_batch, local_slice,
-                                    losses_by_step, one_step_of, tiny_config, view_sizes)
+from tests.trainer_fixtures import (assert_resumed_losses_equal, assert_tensors_close,
+                                    assert_two_ranks_equal_one, global_batch, local_slice, one_step_of,
+                                    tiny_config, view_sizes)
 
 # Tiny heads (TINY: 32 -> 16), a queue of two global batches of 8. SGD / LARS as published (Adam's
 # first step is sign(g), which turns float rounding in near-zero gradients into differences of
@@ -175,10 +176,7 @@ def test_moco_v2_resume_mid_run_equals_uninterrupted_run(tmp_path: Path) -> None
     assert [r["step"] for r in run_ranks(_train_v2, 2, str(split), 2, 4)] == [4, 4]
     resumed = run_ranks(_train_v2, 2, str(split), 2, None)
     assert [r["step"] for r in resumed] == [7, 7]
-    losses, resumed_losses = losses_by_step(whole), losses_by_step(split)
-    assert sorted(resumed_losses) == list(range(1, 8))
-    for step in range(1, 8):
-        assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-6), step
+    assert_resumed_losses_equal(whole, split, 7)
     for rank in (0, 1):
         assert_tensors_close(resumed[rank]["params"], expected[rank]["params"], f"rank {rank} parameter", ATOL)
     assert_tensors_close(resumed[0]["buffers"], expected[0]["buffers"], "buffer", ATOL)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from sslforge import distributed
 from sslforge.launcher.env import init_distributed
 from sslforge.trainer.loop import NonFiniteLossError, Trainer
 from tests.dist_harness import run_ranks
-from tests.trainer_fixtures import FixedLoader, global_batch, local_slice, losses_by_step, tiny_config
+from tests.trainer_fixtures import (FixedLoader, assert_resumed_losses_equal, global_batch, local_slice,
+                                    tiny_config)
 
 BATCH, STEPS_PER_EPOCH = 8, 3
 
@@ -39,10 +39,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert run_ranks(_train, 2, str(split), 2, 4) == [4, 4]
     assert (split / "checkpoints" / "latest").read_text() == "step_00000004"
     assert run_ranks(_train, 2, str(split), 2, None) == [7, 7]
-    expected, resumed = losses_by_step(whole), losses_by_step(split)
-    assert sorted(resumed) == list(range(1, 8))  # no step lost or repeated
-    for step in range(1, 8):
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert_resumed_losses_equal(whole, split, 7)
     kept = sorted(p.name for p in (split / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert kept == ["step_00000004", "step_00000007"]  # keep_last=2, no temporary left
 
@@ -91,7 +88,4 @@ def test_resume_mid_epoch_with_shard_stream(tmp_path: Path, synth_data: dict) ->
     assert run_ranks(_train_on_shards, 2, str(whole), synth_data["train"], None) == [10, 10]
     assert run_ranks(_train_on_shards, 2, str(split), synth_data["train"], 5) == [5, 5]
     assert run_ranks(_train_on_shards, 2, str(split), synth_data["train"], None) == [10, 10]
-    expected, resumed = losses_by_step(whole), losses_by_step(split)
-    assert sorted(resumed) == list(range(1, 11))
-    for step in range(1, 11):
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert_resumed_losses_equal(whole, split, 10)

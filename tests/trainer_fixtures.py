@@ -72,11 +72,12 @@ def one_step(run_dir: str, *overrides: str, batch_size: int = 8, recipe: str = "
 
     Returns the loss (mean over ranks), whether every rank's loss was finite, the gradients
     after backward (absent under ZeRO-2, which frees `p.grad`), every parameter after the
-    step and its update (after minus before), and the method's buffers after its post-step
-    hook (teachers' statistics, queues, centres), so runs on different ranks, ZeRO stages or
-    precisions can be compared.
+    step and its update (after minus before), the method's buffers after its post-step hook
+    (teachers' statistics, queues, centres), its logged scalars (mean over ranks) and its extra
+    state (PCL's clusters), so runs on different ranks, ZeRO stages or precisions can be compared.
     """
     trainer = step_trainer(run_dir, *overrides, batch_size=batch_size, recipe=recipe)
+    trainer.epoch_start()  # whole-dataset work (PCL's clustering), as `fit` does first
     named = dict(trainer.method.named_parameters())
     before = {n: p.detach().clone() for n, p in named.items()}
     trainer.begin_step()
@@ -86,8 +87,11 @@ def one_step(run_dir: str, *overrides: str, batch_size: int = 8, recipe: str = "
     params = {n: p.detach().clone() for n, p in named.items()}
     buffers = {n: b.detach().clone() for n, b in trainer.method.named_buffers()}
     loss = distributed.all_reduce_mean(out["loss"].detach()).item()
+    metrics = {k: distributed.all_reduce_mean(v.detach().float()).item() for k, v in out.items()
+               if k not in ("loss", "embedding") and v.numel() == 1}
     return {"loss": loss, "finite": finite, "applied": applied, "grads": grads, "params": params,
-            "buffers": buffers, "update": {n: params[n] - before[n] for n in named}}
+            "buffers": buffers, "update": {n: params[n] - before[n] for n in named}, "metrics": metrics,
+            "extra_state": trainer.method.state_dict().get("_extra_state")}
 
 
 def one_step_of(run_dir: str, recipe: str, *overrides: str) -> dict[str, Any]:
@@ -126,3 +130,12 @@ def losses_by_step(run_dir: Path | str) -> dict[int, float]:
     """{step: loss} from a run's metrics.jsonl (the last record of a step wins, as after a resume)."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def assert_resumed_losses_equal(whole: Path | str, split: Path | str, steps: int) -> None:
+    """A run stopped and resumed (`split`) logged every step 1..steps once, each with the loss of
+    the uninterrupted run (`whole`)."""
+    expected, resumed = losses_by_step(whole), losses_by_step(split)
+    assert sorted(resumed) == list(range(1, steps + 1))  # no step lost or repeated
+    for step in range(1, steps + 1):
+        assert abs(resumed[step] - expected[step]) <= 1e-6, (step, resumed[step], expected[step])

@@ -8,6 +8,7 @@ in the order of the stable sample index that training batches carry as `index`.
 """
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ def extract_features(encoder: nn.Module, shards_spec: str, image_size: int, batc
     from sslforge.data_pipeline.shards import expand_shards
     from sslforge.data_pipeline.views import build_eval_transform
 
+    encoder = _with_rank0_buffers(encoder)
     was_training = encoder.training
     encoder.eval()
     feats, labels, indices = [], [], []
@@ -55,6 +57,19 @@ def extract_features(encoder: nn.Module, shards_spec: str, image_size: int, batc
     if len(torch.unique(all_idx)) != len(all_idx):
         raise RuntimeError(f"feature extraction of {shards_spec} saw a sample twice")
     return DatasetFeatures(all_feats[order], all_labels[order], all_idx[order])
+
+
+def _with_rank0_buffers(encoder: nn.Module) -> nn.Module:
+    """The encoder, or on several ranks a copy holding rank 0's buffers: per-rank batch norm
+    (MoCo's shuffle BN) leaves each rank its own running statistics, and every sample must be
+    encoded by the same network whichever rank reads it (DDP broadcasts rank 0's buffers too)."""
+    buffers = list(encoder.buffers())
+    if not distributed.is_distributed() or not buffers:
+        return encoder
+    copy = deepcopy(encoder)
+    for buffer in copy.buffers():
+        buffer.copy_(distributed.broadcast(buffer.to(distributed.comm_device()), src=0))
+    return copy
 
 
 def _feature_dim(encoder: nn.Module, feats: list[torch.Tensor], image_size: int, device: torch.device) -> int:

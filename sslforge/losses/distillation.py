@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sslforge import distributed
+from sslforge.losses.crop_pairs import cross_entropy_over_crop_pairs
 from sslforge.losses.precision import float32_loss
 
 
@@ -43,11 +44,7 @@ def dino_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], 
     _check_crops(student_out, teacher_out, center)
     targets = torch.stack([F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher_out])
     log_probs = torch.stack([F.log_softmax(s / student_temp, dim=-1) for s in student_out])
-    b = targets.shape[1]
-    # cross[t, v] = mean_b sum_k -q_t log p_v: one matmul over (b, K) instead of a pair loop.
-    cross = -torch.einsum("tbk,vbk->tv", targets, log_probs) / b
-    same_crop = torch.eye(*cross.shape, dtype=torch.bool, device=cross.device)
-    return cross[~same_crop].mean()
+    return cross_entropy_over_crop_pairs(targets, log_probs)
 
 
 @float32_loss

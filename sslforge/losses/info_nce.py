@@ -30,14 +30,19 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None) 
 
 @float32_loss
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float,
-             queue: torch.Tensor | None = None) -> torch.Tensor:
+             queue: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of each query against its key among the negatives.
 
     q: (b, d) queries (gradient flows); k: (b, d) keys of the same images (detached);
     both L2-normalised here. queue: (K, d) already-normalised keys, or None for the keys of
-    all ranks.
+    all ranks. keep: optional (b, K) mask over the queue (HCSC's instance selection): a dropped
+    negative's logit is multiplied by 0, so it still adds e^0 to the denominator, as published.
     """
     _check_shapes(q, k, queue)
+    if keep is not None and (queue is None or keep.shape != (len(q), len(queue))):
+        raise ValueError(f"info_nce: keep must be a (b, K) mask over a queue, got "
+                         f"{None if keep is None else tuple(keep.shape)} with queue "
+                         f"{None if queue is None else tuple(queue.shape)}")
     if temperature <= 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
     q = F.normalize(q, dim=1)
@@ -45,6 +50,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float,
     if queue is not None:
         positive = (q * k).sum(dim=1, keepdim=True)  # (b, 1)
         negative = q @ queue.detach().T  # (b, K)
+        if keep is not None:
+            negative = negative * keep.to(negative)
         logits = torch.cat([positive, negative], dim=1) / temperature
         labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
     else:

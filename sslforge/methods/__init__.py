@@ -6,13 +6,17 @@ from omegaconf import DictConfig
 from sslforge.methods.base import Method
 from sslforge.methods.byol import BYOL
 from sslforge.methods.dino import DINO
+from sslforge.methods.hcsc import HCSC
 from sslforge.methods.moco_v2 import MoCoV2
 from sslforge.methods.moco_v3 import MoCoV3
+from sslforge.methods.pcl import PCL
 from sslforge.methods.simclr import SimCLR
 from sslforge.methods.simsiam import SimSiam
+from sslforge.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam,
-                                  "moco_v2": MoCoV2, "moco_v3": MoCoV3, "dino": DINO}
+                                  "moco_v2": MoCoV2, "moco_v3": MoCoV3, "dino": DINO,
+                                  "swav": SwAV, "pcl": PCL, "hcsc": HCSC}
 
 
 def method_class(name: str) -> type[Method]:

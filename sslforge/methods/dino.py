@@ -31,7 +31,7 @@ from sslforge.methods.base import Method
 from sslforge.models.backbones import build_backbone
 from sslforge.models.ema import ema_update_, momentum_copy
 from sslforge.models.heads import DINOHead
-from sslforge.models.multicrop import forward_multicrop
+from sslforge.models.multicrop import forward_multicrop, require_global_crops
 from sslforge.trainer.schedule import momentum_schedule, per_epoch
 
 GLOBAL_CROPS = 2
@@ -76,7 +76,7 @@ class DINO(Method):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         m = cfg.method
-        _check_crops(cfg, self.views(cfg))
+        require_global_crops("dino", list(cfg.data.views) or self.views(cfg), GLOBAL_CROPS)
         backbone, dim = build_backbone(cfg.model, cfg.data.image_size)
         head = DINOHead(dim, m.out_dim, hidden_dim=cfg.model.proj_hidden_dim,
                         bottleneck_dim=cfg.model.proj_output_dim, num_layers=m.head_layers,
@@ -148,12 +148,3 @@ class DINO(Method):
 
     def encoder(self) -> nn.Module:
         return self.teacher.backbone
-
-
-def _check_crops(cfg: DictConfig, own: list[ViewConfig]) -> None:
-    """The teacher sees the first two crops: there must be at least two."""
-    views = list(cfg.data.views) or own
-    count = sum(v.count for v in views)
-    if count < GLOBAL_CROPS:
-        raise ValueError(f"dino needs at least {GLOBAL_CROPS} crops (the global ones first), "
-                         f"data.views gives {count}")

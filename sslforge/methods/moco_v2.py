@@ -70,15 +70,18 @@ class MoCoV2(MomentumEncoderMethod):
                            contrast=0.4, saturation=0.4, hue=0.1, blur_p=0.0 if small else 0.5)]
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        x_q, x_k = batch["views"]
+        h, q, k = self.query_and_key(*batch["views"][:2])
+        return {"loss": info_nce(q, k, self.temperature, self.queue), "embedding": h.detach()}
+
+    def query_and_key(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(backbone features, projection) of the query crops and this rank's keys; every rank's
+        keys are kept for the enqueue after the step."""
         h = self.backbone(x_q)
         q = self.projector(h)
         with torch.no_grad():
             keys = self._global_keys(x_k)
-        k = own_rows(keys, len(x_q))
-        loss = info_nce(q, k, self.temperature, self.queue)
         self._new_keys = keys
-        return {"loss": loss, "embedding": h.detach()}
+        return h, q, own_rows(keys, len(x_q))
 
     def _global_keys(self, x_k: torch.Tensor) -> torch.Tensor:
         """Normalised keys of every rank's samples, in global batch order (B, d)."""

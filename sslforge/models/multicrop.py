@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from sslforge.config import ViewConfig
+
 
 def forward_multicrop(backbone: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
     """Features of every crop, one backbone forward per run of consecutive equal-size crops."""
@@ -19,3 +21,12 @@ def forward_multicrop(backbone: nn.Module, crops: Sequence[torch.Tensor]) -> tor
         raise ValueError("forward_multicrop needs at least one crop")
     runs = groupby(crops, key=lambda crop: tuple(crop.shape[-2:]))
     return torch.cat([backbone(torch.cat(list(run))) for _, run in runs])
+
+
+def require_global_crops(method: str, views: Sequence[ViewConfig], needed: int) -> None:
+    """Methods whose targets come from the first `needed` crops (DINO's teacher, SwAV's codes)
+    refuse views that give fewer crops."""
+    count = sum(v.count for v in views)
+    if count < needed:
+        raise ValueError(f"{method} needs at least {needed} crops (the global ones first), "
+                         f"data.views gives {count}")

@@ -33,14 +33,19 @@ class StepValues:
     weight_decay: float
 
 
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Steps of a duration given in (possibly fractional) epochs: warm-up, frozen groups."""
+    return int(round(epochs * steps_per_epoch))
+
+
 class GroupRules:
     """Learning rate and weight decay per step, and the steps each group stays frozen."""
 
     def __init__(self, cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> None:
         optim = cfg.optim
         self.peak_lr = scaled_lr(optim.base_lr, optim.batch_size, optim.lr_scaling)
-        warmup = int(round(optim.warmup_epochs * steps_per_epoch))
-        self.lr = cosine_schedule(self.peak_lr, optim.min_lr, total_steps, warmup)
+        warmup = epochs_to_steps(optim.warmup_epochs, steps_per_epoch)
+        self.lr = cosine_schedule(self.peak_lr, optim.min_lr, total_steps, warmup, optim.warmup_start_lr)
         end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
         self.weight_decay = cosine_schedule(optim.weight_decay, end, total_steps, 0)
         self.steps_per_epoch = steps_per_epoch
@@ -52,7 +57,7 @@ class GroupRules:
         out = []
         for group in groups:
             group = dict(group)
-            freeze_steps = int(round(group.pop("freeze_epochs", 0) * self.steps_per_epoch))
+            freeze_steps = epochs_to_steps(group.pop("freeze_epochs", 0), self.steps_per_epoch)
             out.append({**group, "freeze_steps": freeze_steps, "fixed_lr": bool(group.get("fixed_lr"))})
             if freeze_steps:
                 for p in group["params"]:
