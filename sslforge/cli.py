@@ -1,4 +1,4 @@
-"""`sslforge train | launch | jobs | data | eval | recipes`.
+"""`sslforge train | launch | jobs | data | eval | compare | recipes`.
 
 Everything that can be checked before a process starts (config keys and values, shard paths,
 the run directory) is checked here, and reported as one line naming the bad input, exit 2.
@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     knn.add_argument("--workers", type=int, default=2)
     knn.add_argument("--random-init", action="store_true",
                      help="evaluate the run's encoder at its initial (random) weights")
+
+    cmp = sub.add_parser("compare", help="train variants on the same data, budget and seed; one table of kNN top-1 and time")
+    cmp.add_argument("variants", nargs="+", help="[label=]recipe[:key=value,...]")
+    cmp.add_argument("--out", required=True, help="directory for the runs, compare.md/.json/.png")
+    cmp.add_argument("--set", dest="shared", action="append", default=[], metavar="KEY=VALUE",
+                     help="override for every variant (repeatable)")
+    cmp.add_argument("--nproc", type=int, default=2, help="local ranks per run")
 
     sub.add_parser("recipes", help="list the recipes")
     return p
@@ -167,7 +174,16 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "jobs": cmd_jobs, "data": cmd_data,
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sslforge.compare import compare
+
+    report = compare(args.variants, args.shared, Path(args.out), args.nproc)
+    print(report.read_text(), end="")
+    print(f"written: {report}, {report.with_suffix('.json')}, {report.with_suffix('.png')}")
+    return 0
+
+
+COMMANDS = {"compare": cmd_compare, "train": cmd_train, "launch": cmd_launch, "jobs": cmd_jobs, "data": cmd_data,
             "eval": cmd_eval, "recipes": cmd_recipes}
 
 

@@ -367,6 +367,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for 'data.views.{i}.size': must be > 0")
         if len(view.scale) != 2 or not 0 < view.scale[0] <= view.scale[1] <= 1:
             raise ConfigError(f"invalid value for 'data.views.{i}.scale': expected 0 < lo <= hi <= 1")
+    from sslforge.methods import method_class
+
+    try:
+        method_class(cfg.method.name).check_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sslforge import distributed
+from sslforge.config import ConfigError
 from sslforge.launcher.env import init_distributed
 from sslforge.methods import build_method
 from sslforge.methods.moco_v2 import own_rows, shuffle_across_ranks, unshuffle_across_ranks
@@ -132,10 +133,10 @@ def test_queue_takes_the_keys_of_all_ranks_in_global_order_and_wraps(tmp_path) -
 
 
 def test_queue_size_must_be_a_multiple_of_the_global_batch(tmp_path) -> None:
-    cfg = tiny_config(tmp_path, "optim.batch_size=24", "method.queue_size=64", recipe="moco_v2_synth")
-    with pytest.raises(ValueError, match=r"method.queue_size=64 must be a positive multiple of the "
-                                         r"global batch optim.batch_size=24"):
-        build_method(cfg)
+    """Refused when the recipe is loaded, before any process starts."""
+    with pytest.raises(ConfigError, match=r"method.queue_size=64 must be a positive multiple of the "
+                                          r"global batch optim.batch_size=24"):
+        tiny_config(tmp_path, "optim.batch_size=24", "method.queue_size=64", recipe="moco_v2_synth")
 
 
 def _cosine_momentum(base: float, t: int, total: int) -> float:

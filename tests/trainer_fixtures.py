@@ -24,10 +24,11 @@ def tiny_config(run_dir: Path | str, *overrides: str, recipe: str = "simclr_synt
 
 
 def global_batch(batch_size: int, sizes: Sequence[int] = (16, 16), seed: int = 0) -> dict[str, Any]:
-    """Random crops, one (B, 3, s, s) tensor per entry of `sizes` (multi-crop: several sizes)."""
+    """Random crops, one (B, 3, s, s) tensor per entry of `sizes` (multi-crop: several sizes);
+    labels of 3 classes, so a supervised loss has positives on the same and on other ranks."""
     g = torch.Generator().manual_seed(seed)
     return {"views": [torch.randn(batch_size, 3, s, s, generator=g) for s in sizes],
-            "label": torch.arange(batch_size), "index": torch.arange(batch_size), "skipped": 0}
+            "label": torch.arange(batch_size) % 3, "index": torch.arange(batch_size), "skipped": 0}
 
 
 def local_slice(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:

@@ -207,8 +207,9 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, data: ShardSet, batch_size: int, transform: Callable, mode: str,
                  batches_per_slot: int, shuffle_buffer: int, workers: int, seed: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, require_labels: bool = False) -> None:
         self.data, self.batch_size, self.transform, self.mode = data, batch_size, transform, mode
+        self.require_labels = require_labels
         self.batches_per_slot, self.shuffle_buffer = batches_per_slot, shuffle_buffer
         self.workers, self.seed, self.rank, self.world_size = workers, seed, rank, world_size
         self.epoch, self.skip_batches = 0, 0
@@ -274,7 +275,11 @@ class _TrainStream(IterableDataset):
                 at, raw = next(reader)
                 held[at] = raw
             raw = held.pop(wanted)
-            yield _Item(position, raw.index, *decode_sample(raw))
+            image, label = decode_sample(raw)
+            if self.require_labels and image is not None and label < 0:
+                raise DataError(f"sample {raw.key} of shard {raw.shard} has no label (a .cls field "
+                                "holding an integer), and this method trains on labels")
+            yield _Item(position, raw.index, image, label)
 
 
 class ShardLoader:
@@ -283,7 +288,7 @@ class ShardLoader:
     def __init__(self, shards: list[str], batch_size: int, transform: Callable, *,
                  mode: str = "finite", samples_per_epoch: int | None = None,
                  shuffle_buffer: int = 1000, num_workers: int = 2, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, require_labels: bool = False) -> None:
         if mode not in ("finite", "resampled"):
             raise ValueError(f"mode must be 'finite' or 'resampled', not {mode!r}")
         if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or num_workers < 0:
@@ -302,7 +307,7 @@ class ShardLoader:
             self.repeats_per_epoch = 0  # sampling with replacement: repeats are random
         self.num_workers = num_workers
         self._stream = _TrainStream(data, batch_size, transform, mode, per_slot, shuffle_buffer,
-                                    workers, seed, rank, world_size)
+                                    workers, seed, rank, world_size, require_labels)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Start `epoch`, resuming after `skip_batches` batches this rank already consumed."""

@@ -15,9 +15,7 @@ tensors: `centroids` (k, d) L2-normalised, `density` (k,) the concentration phi 
 N ranks with b samples each give the loss and gradients of one rank with B = N*b: cluster ids
 cross ranks (no gradient; centroids and density are the same everywhere), and every random draw
 comes from a generator the caller seeds identically on every rank and covers the global batch:
-a (B, n) table of uniforms of which rank r keeps rows r*b .. r*b+b-1. Every rank draws the whole
-table, so the generators stay in step, in pieces of at most `UNIFORM_CHUNK` numbers whatever the
-split, so memory stays bounded (B=256 against a queue of 16384: one 16 MB draw a level). A
+a (B, n) table of uniforms of which rank r keeps rows r*b .. r*b+b-1 (`shared_random`). A
 Bernoulli(p) draw is `u < p`: the distribution of the official `torch.distributions.Bernoulli`,
 from the shared generator. Every rank must hold the same b.
 """
@@ -31,8 +29,8 @@ import torch.nn.functional as F
 from sslforge import distributed
 from sslforge.losses.info_nce import info_nce
 from sslforge.losses.precision import float32_loss
+from sslforge.losses.shared_random import shared_uniforms
 
-UNIFORM_CHUNK = 1 << 24  # uniforms per draw (64 MB of float32)
 INSTANCE_DENSITY_MIN = 1e-3  # official instance selection clamps phi from below
 INSTANCE_KEEP_MAX = 0.999  # official clamp of the instance keep probability: (0, 0.999)
 PROTOTYPE_KEEP_RANGE = (1e-4, 0.999)  # official clamp of the prototype keep probability
@@ -114,23 +112,6 @@ def _free_clusters(positives: torch.Tensor, count: int) -> torch.Tensor:
     return free.nonzero().squeeze(1)
 
 
-def _shared_uniforms(rows: int, cols: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """This rank's `rows` rows of a (rows * world_size, cols) U[0, 1) table.
-
-    Every rank draws the whole table, in pieces whose size depends on the global shape only, so
-    the numbers and the generator's state afterwards are the same on any number of ranks.
-    """
-    total, start = rows * distributed.world_size(), rows * distributed.rank()
-    step = max(1, UNIFORM_CHUNK // max(cols, 1))
-    mine = []
-    for first in range(0, total, step):
-        piece = torch.rand(min(step, total - first), cols, generator=generator, device=generator.device)
-        lo, hi = max(first, start), min(first + len(piece), start + rows)
-        if lo < hi:
-            mine.append(piece[lo - first:hi - first])
-    return torch.cat(mine).to(device)
-
-
 # ----------------------------------------------------------------------------- PCL
 
 
@@ -198,7 +179,7 @@ def hcsc_instance_masks(queue: torch.Tensor, cluster_ids: torch.Tensor, parents:
     for ids, c, phi in zip(_levels(cluster_ids, parents), centroids, density):
         affinity = torch.softmax(queue @ c.T / phi.clamp(min=INSTANCE_DENSITY_MIN), dim=1)  # (K, k_l)
         keep = (1 - affinity[:, ids].T).clamp(0.0, INSTANCE_KEEP_MAX)  # (b, K)
-        masks.append(_shared_uniforms(len(ids), len(queue), generator, keep.device) < keep)
+        masks.append(shared_uniforms(len(ids), len(queue), generator, keep.device) < keep)
     return masks
 
 
@@ -258,7 +239,7 @@ def _prototype_masks(cluster_ids: torch.Tensor, parents: Sequence[torch.Tensor],
         scaled_phi = phi_up / phi_up.mean() * temperature
         affinity = torch.softmax(centroids[level] @ centroids[level + 1].T / scaled_phi, dim=1)  # (k_l, k_l+1)
         keep = (1 - affinity[negatives[level]][:, local[level + 1]].T).clamp(*PROTOTYPE_KEEP_RANGE)  # (b, n_l)
-        masks.append(_shared_uniforms(len(cluster_ids), len(negatives[level]), generator, keep.device) < keep)
+        masks.append(shared_uniforms(len(cluster_ids), len(negatives[level]), generator, keep.device) < keep)
     return negatives, masks
 
 

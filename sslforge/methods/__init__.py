@@ -12,11 +12,13 @@ from sslforge.methods.moco_v3 import MoCoV3
 from sslforge.methods.pcl import PCL
 from sslforge.methods.simclr import SimCLR
 from sslforge.methods.simsiam import SimSiam
+from sslforge.methods.supcon import SupCon
 from sslforge.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam,
                                   "moco_v2": MoCoV2, "moco_v3": MoCoV3, "dino": DINO,
-                                  "swav": SwAV, "pcl": PCL, "hcsc": HCSC}
+                                  "swav": SwAV, "pcl": PCL, "hcsc": HCSC,
+                                  "supcon": SupCon}
 
 
 def method_class(name: str) -> type[Method]:

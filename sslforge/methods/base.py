@@ -20,6 +20,10 @@ the trainer knows nothing method-specific and never names a method. Where each n
   updated in `on_after_optimizer_step` (`models.ema`), kept float32 by `fp32_modules`.
 - Queues, centres, prototypes: buffers, so checkpoints save and restore them exactly.
 - The evaluated and exported network: `encoder` (DINO: the teacher backbone; MoCo: the query one).
+- Config checks of its own (key ranges, options that do not fit): `check_config`, run when the
+  recipe is loaded, before any process starts.
+- Labels (supervised methods): `needs_labels`; the loader then refuses a sample without `.cls`,
+  naming its shard, and `batch["label"]` holds them.
 - Whole-dataset work before an epoch (PCL's and HCSC's k-means): `epoch_features_encoder` names
   the network, the trainer extracts every training sample's feature with it (all ranks in
   parallel, the evaluation transform, each sample once, in sample-index order: the `index` the
@@ -55,11 +59,18 @@ class Method(nn.Module, metaclass=ABCMeta):
     """Base class; subclasses set `config_class` and implement `views` and `training_step`."""
 
     config_class: type[MethodConfig] = MethodConfig
+    needs_labels = False  # supervised methods: a training sample without a `.cls` label is an error
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.scheduled: dict[str, float] = {}  # this step's values of `schedules`, set by the trainer
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """The method's own checks of the whole config (key ranges, options that do not fit):
+        `config.validate` runs them when a recipe is loaded, before any process starts. Raise
+        ValueError naming the key."""
 
     @classmethod
     @abstractmethod

@@ -7,7 +7,7 @@ every epoch from `method.clustering_starts_epoch` on.
 The result (centroids, each sample's cluster, concentrations) is checkpointed through
 `get_extra_state`, since its size is the dataset's: a run resumed inside an epoch continues with
 that epoch's clusters. Random draws of the losses (negative prototypes, selections) use a
-generator seeded by (train.seed, step), the same on every rank, so N ranks equal one.
+generator seeded by (train.seed, step), the same on every rank (`step_generator`), so N ranks equal one.
 """
 from __future__ import annotations
 
@@ -36,12 +36,18 @@ class ClusteredMoCoConfig(MoCoV2Config):
 class ClusteredMoCo(MoCoV2):
     """Subclasses say how to cluster (`cluster`) and how the loss uses the clusters."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        super().check_config(cfg)
         m = cfg.method
         if not m.num_clusters or min(m.num_clusters) < 1:
             raise ValueError(f"method.num_clusters must be a non-empty list of positive counts, got {m.num_clusters}")
         if m.clustering_starts_epoch < 0:
             raise ValueError(f"method.clustering_starts_epoch must be >= 0, got {m.clustering_starts_epoch}")
+        if m.hard_negatives:
+            raise ValueError(f"method.hard_negatives applies to moco_v2's InfoNCE, not to {m.name}'s losses")
+
+    def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         self.clusterings: list[Clustering] = []  # assignments indexed by sample index, -1 for unseen
 
@@ -73,10 +79,6 @@ class ClusteredMoCo(MoCoV2):
                                    "training shards changed since the epoch started")
             ids.append(assignments[index])
         return ids
-
-    def negatives_generator(self, step: int, device: torch.device) -> torch.Generator:
-        """The same random stream on every rank for this step (and on a resumed run)."""
-        return torch.Generator(device=device).manual_seed(self.cfg.train.seed * 1_000_003 + step)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"clusterings": [{name: getattr(c, name) for name in _CLUSTERING_FIELDS}

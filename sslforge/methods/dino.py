@@ -76,7 +76,6 @@ class DINO(Method):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         m = cfg.method
-        require_global_crops("dino", list(cfg.data.views) or self.views(cfg), GLOBAL_CROPS)
         backbone, dim = build_backbone(cfg.model, cfg.data.image_size)
         head = DINOHead(dim, m.out_dim, hidden_dim=cfg.model.proj_hidden_dim,
                         bottleneck_dim=cfg.model.proj_output_dim, num_layers=m.head_layers,
@@ -94,6 +93,11 @@ class DINO(Method):
         backbone, _ = build_backbone(no_drop_path, cfg.data.image_size)
         backbone.load_state_dict(student.backbone.state_dict())
         return momentum_copy(MultiCropNetwork(backbone, student.head))
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """The teacher sees the first two crops: there must be at least two."""
+        require_global_crops("dino", list(cfg.data.views) or cls.views(cfg), GLOBAL_CROPS)
 
     @classmethod
     def views(cls, cfg: DictConfig) -> list[ViewConfig]:

@@ -54,7 +54,7 @@ class HCSC(ClusteredMoCo):
         hierarchy = ([c.parents.to(q.device) for c in self.clusterings[:-1]],
                      [c.centroids.to(q.device) for c in self.clusterings],
                      [c.density.to(q.device) for c in self.clusterings])
-        generator = self.negatives_generator(step, q.device)
+        generator = self.step_generator(step, q.device)
         kept = hcsc_instance_masks(self.queue, ids, *hierarchy, generator)
         loss_instance = torch.stack([hcsc_instance_nce(v, k, self.queue, kept, self.temperature)
                                      for v in [q, *local]]).sum()

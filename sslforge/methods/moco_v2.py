@@ -20,6 +20,11 @@ encoder therefore runs on a random permutation of the global batch cut into per-
 its outputs are put back in order (`shuffle_across_ranks`, `unshuffle_across_ranks`). With it the
 official recipe keeps per-rank BN (`model.sync_bn false`); `shuffle_bn false` with
 `model.sync_bn true` is the SyncBN alternative (N ranks then equal one rank).
+
+Hard-negative mixing (MoCHi, Kalantidis et al. 2020), `method.hard_negatives`: from epoch
+`hard_start_epoch`, each query also meets `hard_mix` synthetic negatives mixed from two of its
+`hard_num` hardest queue items and `hard_mix_query` mixed from itself and one of them
+(`losses.mochi_info_nce`); they are detached, never enqueued, and drawn alike on every rank.
 """
 from __future__ import annotations
 
@@ -33,9 +38,10 @@ from omegaconf import DictConfig
 
 from sslforge import distributed
 from sslforge.config import MethodConfig, ViewConfig
-from sslforge.losses import info_nce
+from sslforge.losses import info_nce, mochi_info_nce
 from sslforge.methods.momentum import MomentumEncoderMethod
 from sslforge.models.heads import mlp
+from sslforge.trainer.group_rules import epochs_to_steps
 
 
 @dataclass
@@ -45,13 +51,17 @@ class MoCoV2Config(MethodConfig):
     queue_size: int = 65536  # K, a multiple of the global batch
     momentum: float = 0.999  # key encoder, constant
     shuffle_bn: bool = True  # the official shuffle; false with model.sync_bn true for SyncBN
+    hard_negatives: bool = False  # MoCHi: per-query synthetic negatives mixed from the hardest ones
+    hard_num: int = 1024  # N: the hardest queue negatives of each query, mixed from
+    hard_mix: int = 512  # s: mixes of two of them
+    hard_mix_query: int = 256  # s': mixes of the query with one of them
+    hard_start_epoch: int = 10  # plain InfoNCE before (synco's warm-up; the MoCHi paper's is unverified)
 
 
 class MoCoV2(MomentumEncoderMethod):
     config_class = MoCoV2Config
 
     def __init__(self, cfg: DictConfig) -> None:
-        _check_config(cfg)
         out = cfg.model.proj_output_dim
         super().__init__(cfg, lambda dim: mlp(dim, cfg.model.proj_hidden_dim, out, batch_norm=False,
                                               hidden_bias=True))
@@ -59,6 +69,20 @@ class MoCoV2(MomentumEncoderMethod):
         self.register_buffer("queue", F.normalize(torch.randn(cfg.method.queue_size, out), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._new_keys: torch.Tensor | None = None  # this step's global keys, enqueued after it
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        queue, batch = cfg.method.queue_size, cfg.optim.batch_size
+        if queue <= 0 or queue % batch:
+            raise ValueError(f"method.queue_size={queue} must be a positive multiple of the global batch "
+                             f"optim.batch_size={batch}: each step enqueues one whole global batch")
+        if not 0.0 <= cfg.method.momentum <= 1.0:
+            raise ValueError(f"method.momentum must be in [0, 1], got {cfg.method.momentum}")
+        m = cfg.method
+        if m.hard_negatives and not 0 < m.hard_num <= queue:
+            raise ValueError(f"method.hard_num={m.hard_num} must be in [1, method.queue_size={queue}]")
+        if m.hard_negatives and (m.hard_mix < 0 or m.hard_mix_query < 0):
+            raise ValueError(f"method.hard_mix and hard_mix_query must be >= 0, got {m.hard_mix}, {m.hard_mix_query}")
 
     @classmethod
     def views(cls, cfg: DictConfig) -> list[ViewConfig]:
@@ -71,7 +95,25 @@ class MoCoV2(MomentumEncoderMethod):
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         h, q, k = self.query_and_key(*batch["views"][:2])
-        return {"loss": info_nce(q, k, self.temperature, self.queue), "embedding": h.detach()}
+        return {"loss": self.instance_loss(q, k, step), "embedding": h.detach()}
+
+    def instance_loss(self, q: torch.Tensor, k: torch.Tensor, step: int) -> torch.Tensor:
+        """InfoNCE against the queue; with `hard_negatives`, from `hard_start_epoch` on, MoCHi's
+        synthetic negatives join each query's logits (drawn alike on every rank)."""
+        m = self.cfg.method
+        if m.hard_negatives and self.scheduled["hard_negatives"]:
+            return mochi_info_nce(q, k, self.queue, self.temperature, m.hard_num, m.hard_mix, m.hard_mix_query,
+                                  self.step_generator(step, q.device))
+        return info_nce(q, k, self.temperature, self.queue)
+
+    def step_generator(self, step: int, device: torch.device) -> torch.Generator:
+        """The same random stream on every rank for this step (and on a resumed run)."""
+        return torch.Generator(device=device).manual_seed(self.cfg.train.seed * 1_000_003 + step)
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        start = epochs_to_steps(self.cfg.method.hard_start_epoch, steps_per_epoch)
+        return {**super().schedules(total_steps, steps_per_epoch),
+                "hard_negatives": (np.arange(total_steps) >= start).astype(float)}
 
     def query_and_key(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(backbone features, projection) of the query crops and this rank's keys; every rank's
@@ -111,15 +153,6 @@ class MoCoV2(MomentumEncoderMethod):
         self.queue[ptr:ptr + len(keys)] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + len(keys)) % len(self.queue))
 
-
-
-def _check_config(cfg: DictConfig) -> None:
-    queue, batch = cfg.method.queue_size, cfg.optim.batch_size
-    if queue <= 0 or queue % batch:
-        raise ValueError(f"method.queue_size={queue} must be a positive multiple of the global batch "
-                         f"optim.batch_size={batch}: each step enqueues one whole global batch")
-    if not 0.0 <= cfg.method.momentum <= 1.0:
-        raise ValueError(f"method.momentum must be in [0, 1], got {cfg.method.momentum}")
 
 
 def own_rows(global_rows: torch.Tensor, local_batch: int) -> torch.Tensor:

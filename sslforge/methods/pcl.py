@@ -42,7 +42,7 @@ class PCL(ClusteredMoCo):
         out = {"embedding": h.detach(), "loss_instance": loss_instance.detach()}
         if not self.clusterings:
             return {"loss": loss_instance, **out}
-        generator = self.negatives_generator(step, q.device)
+        generator = self.step_generator(step, q.device)
         protos = [proto_nce(q, ids, c.centroids.to(q.device), c.density.to(q.device),
                             self.cfg.method.negative_prototypes, generator)
                   for ids, c in zip(self.cluster_ids(batch["index"].to(q.device)), self.clusterings)]

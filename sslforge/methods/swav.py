@@ -85,8 +85,6 @@ class SwAV(Method):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         m = cfg.method
-        _check_config(cfg)
-        require_global_crops("swav", list(cfg.data.views) or self.views(cfg), GLOBAL_CROPS)
         self.backbone, dim = build_backbone(cfg.model, cfg.data.image_size)
         out = cfg.model.proj_output_dim
         self.projector = mlp(dim, cfg.model.proj_hidden_dim, out, batch_norm=True, hidden_bias=True)
@@ -95,6 +93,10 @@ class SwAV(Method):
         self.register_buffer("queue", torch.zeros(GLOBAL_CROPS, m.queue_length, out))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # rows, up to L
         self._new_embeddings: torch.Tensor | None = None  # this step's, every rank's, enqueued after it
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        _check_config(cfg)
 
     @classmethod
     def views(cls, cfg: DictConfig) -> list[ViewConfig]:
@@ -219,6 +221,7 @@ def _gather_crops(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def _check_config(cfg: DictConfig) -> None:
+    require_global_crops("swav", list(cfg.data.views) or SwAV.views(cfg), GLOBAL_CROPS)
     m, batch = cfg.method, cfg.optim.batch_size
     if m.num_prototypes < 1 or m.temperature <= 0:
         raise ValueError(f"swav needs method.num_prototypes >= 1 and method.temperature > 0, "

@@ -109,12 +109,14 @@ class Trainer:
         from sslforge.data_pipeline.views import build_view_transform
         from sslforge.methods import method_class
 
-        views = list(self.cfg.data.views) or method_class(self.cfg.method.name).views(self.cfg)
+        method = method_class(self.cfg.method.name)
+        views = list(self.cfg.data.views) or method.views(self.cfg)
         return ShardLoader(
             expand_shards(self.cfg.data.train), self.local_batch, build_view_transform(views),
             mode=self.cfg.data.mode, samples_per_epoch=self.cfg.data.samples_per_epoch,
             shuffle_buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
-            seed=self.cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size)
+            seed=self.cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size,
+            require_labels=method.needs_labels)
 
     def _resume(self) -> str | None:
         """Load the checkpoint `resume` names (auto: this run's best loadable one, agreed by every
