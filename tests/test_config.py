@@ -73,7 +73,9 @@ SCALARS = {int: ("7", 7), float: ("0.25", 0.25), bool: ("false", False), str: ("
 # Keys whose valid values depend on other keys (validate's cross-key rules), given a value that
 # is valid with every other key's representative: image size 7, ZeRO stage 2.
 CONSTRAINED = {"engine.grad_clip_mode": ("global", "global"), "model.backbone": ("vit_tiny", "vit_tiny"),
-               "model.num_heads": ("3", 3), "model.small_stem": ("null", None)}
+               "model.num_heads": ("3", 3), "model.small_stem": ("null", None),
+               "method.loss": ("nt_xent", "nt_xent"), "method.fnc_mode": ("elimination", "elimination"),
+               "data.views.0.count": ("2", 2)}  # SimCLR takes two crops
 
 
 def _representative(leaf: Leaf) -> tuple[str, Any]:

@@ -16,8 +16,8 @@ from sslforge.config import ViewConfig, load_config
 from sslforge.data_pipeline.views import build_view_transform
 from sslforge.trainer.loop import Trainer
 
-# DINO-style multi-crop written at 224 px: 2 global crops and 6 local ones of 96 px.
-MULTI_CROP = """inherits: simclr
+# SwAV's multi-crop written at 224 px: 2 global crops and 6 local ones of 96 px.
+MULTI_CROP = """inherits: swav
 data:
   image_size: 224
   views:

@@ -57,11 +57,11 @@ def test_directclr_trains_the_representation_without_a_projector(tmp_path: Path)
     ("moco_v2_synth", ["method.loss=dcl"], "unknown config key 'method.loss'"),
     ("simclr_synth", ["method.hard_negatives=true"], "unknown config key 'method.hard_negatives'"),
     ("simclr_synth", ["method.loss=infonce2"], "method.loss='infonce2' is not one of"),
-    ("simclr_synth", ["method.loss=fnc"], "method.loss=fnc takes 10 crops per image, data.views gives 2"),
+    ("simclr_synth", ["method.loss=fnc"], "method.loss=fnc takes 10 crops per image, the counts of data.views give 2"),
     ("simclr_synth", ["method.fnc_mode=both"], "method.fnc_mode='both' must be attraction or elimination"),
     ("pcl_synth", ["method.hard_negatives=true"], "method.hard_negatives applies to moco_v2's InfoNCE"),
     ("moco_v2_synth", ["method.hard_negatives=true", "method.hard_num=4096"], "method.hard_num=4096 must be"),
-    ("supcon_synth", ["method.views=3"], "supcon takes method.views=3 crops per image, data.views gives 2"),
+    ("supcon_synth", ["method.views=3"], "supcon takes method.views=3 crops per image, the counts of data.views give 2"),
 ])
 def test_options_that_do_not_fit_are_refused_at_load(tmp_path: Path, recipe: str, overrides: list[str],
                                                      message: str) -> None:

@@ -86,7 +86,7 @@ class SimCLR(Method):
         if m.loss == "fnc" and m.fnc_support_views < 1:
             raise ValueError(f"method.fnc_support_views must be >= 1 for method.loss=fnc, got {m.fnc_support_views}")
         if crops != wanted:
-            raise ValueError(f"method.loss={m.loss} takes {wanted} crops per image, data.views gives {crops}")
+            raise ValueError(f"method.loss={m.loss} takes {wanted} crops per image, the counts of data.views give {crops}")
 
     @classmethod
     def views(cls, cfg: DictConfig) -> list[ViewConfig]:

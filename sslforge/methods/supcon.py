@@ -50,7 +50,7 @@ class SupCon(Method):
                              f"temperature={m.temperature}, base_temperature={m.base_temperature}")
         crops = sum(v.count for v in (list(cfg.data.views) or cls.views(cfg)))
         if crops != m.views:
-            raise ValueError(f"supcon takes method.views={m.views} crops per image, data.views gives {crops}")
+            raise ValueError(f"supcon takes method.views={m.views} crops per image, the counts of data.views give {crops}")
 
     @classmethod
     def views(cls, cfg: DictConfig) -> list[ViewConfig]:
