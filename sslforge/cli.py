@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("out")
     shards.add_argument("--max-per-shard", type=int, default=10000)
 
-    ev = sub.add_parser("eval", help="evaluate an encoder")
+    ev = sub.add_parser("eval", help="evaluate a run: kNN of its encoder, robustness and token labels of its classifier")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     knn = ev_sub.add_parser("knn", help="weighted kNN top-1 (faiss)")
     knn.add_argument("source", help="run directory or checkpoint directory")
@@ -66,7 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     knn.add_argument("--random-init", action="store_true",
                      help="evaluate the run's encoder at its initial (random) weights")
 
-    cmp = sub.add_parser("compare", help="train variants on the same data, budget and seed; one table of kNN top-1 and time")
+    rob = ev_sub.add_parser("robustness", help="a supervised run's top-1 on clean, corrupted (ImageNet-C style) "
+                                               "and extra labelled sets")
+    rob.add_argument("source", help="run directory or checkpoint directory (a supervised method)")
+    rob.add_argument("--val", default=None, help="labelled shards (default: the run's data.val)")
+    rob.add_argument("--corruptions", default="benchmark",
+                     help="comma-separated names, 'benchmark' (12 of ImageNet-C's 15) or 'all'")
+    rob.add_argument("--severities", default="1,2,3,4,5", help="comma-separated, each in 1..5")
+    rob.add_argument("--extra", action="append", default=[], metavar="NAME=SHARDS",
+                     help="an extra labelled set scored as is, e.g. imagenet-r=/data/in-r (repeatable)")
+    rob.add_argument("--baseline", default=None,
+                     help="'alexnet' or another run's robustness.json: corruption errors normalised (CE, mCE)")
+    rob.add_argument("--batch-size", type=int, default=256)
+    rob.add_argument("--workers", type=int, default=2)
+    rob.add_argument("--seed", type=int, default=0, help="fixes the corrupted images")
+    tl = ev_sub.add_parser("token-labels", help="PNG grid of a dense classifier's token label maps and confidences")
+    tl.add_argument("source", help="run directory or checkpoint directory (stl_labeler or stl_student)")
+    tl.add_argument("--shards", default=None, help="images to draw (default: the run's data.val)")
+    tl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/token_labels_step<N>.png)")
+    tl.add_argument("--count", type=int, default=8, help="images in the grid")
+    tl.add_argument("--dpi", type=int, default=100)
+
+    cmp = sub.add_parser("compare", help="train variants on the same data, budget and seed; one table of top-1 and time")
     cmp.add_argument("variants", nargs="+", help="[label=]recipe[:key=value,...]")
     cmp.add_argument("--out", required=True, help="directory for the runs, compare.md/.json/.png")
     cmp.add_argument("--set", dest="shared", action="append", default=[], metavar="KEY=VALUE",
@@ -160,11 +181,42 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.eval_command == "robustness":
+        return _eval_robustness(args)
+    if args.eval_command == "token-labels":
+        from sslforge.eval.token_labels import draw_token_labels
+
+        out = draw_token_labels(Path(args.source), args.shards, Path(args.out) if args.out else None,
+                                count=args.count, dpi=args.dpi)
+        print(f"wrote {out}")
+        return 0
     from sslforge.eval.run import evaluate_knn
 
     top1 = evaluate_knn(Path(args.source), args.train, args.val, k=args.k, temperature=args.temperature,
                         batch_size=args.batch_size, workers=args.workers, random_init=args.random_init)
     print(f"knn_top1 {top1:.2f}")
+    return 0
+
+
+def _eval_robustness(args: argparse.Namespace) -> int:
+    from sslforge.eval.corruptions import BENCHMARK, CORRUPTIONS
+    from sslforge.eval.robustness import RESULT_FILE, robustness_from_run
+
+    named = {"benchmark": list(BENCHMARK), "all": list(CORRUPTIONS)}
+    corruptions = named.get(args.corruptions, [c for c in args.corruptions.split(",") if c])
+    try:
+        severities = [int(s) for s in args.severities.split(",") if s]
+    except ValueError:
+        raise UsageError(f"--severities must be comma-separated integers, got {args.severities!r}") from None
+    extra = {}
+    for item in args.extra:
+        name, sep, shards = item.partition("=")
+        if not sep or not name or not shards:
+            raise UsageError(f"--extra takes NAME=SHARDS, got {item!r}")
+        extra[name] = shards
+    result = robustness_from_run(Path(args.source), args.val, extra, corruptions, severities, args.baseline,
+                                 args.batch_size, args.workers, args.seed)
+    print(f"wrote {Path(result['run_dir']) / RESULT_FILE}")
     return 0
 
 
@@ -189,9 +241,11 @@ COMMANDS = {"compare": cmd_compare, "train": cmd_train, "launch": cmd_launch, "j
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from sslforge.data_pipeline import DataError
+    from sslforge.eval import EvalError
     from sslforge.trainer.checkpoint import CheckpointError
 
-    errors: list[type[BaseException]] = [ConfigError, UsageError, DataError, FileNotFoundError, CheckpointError]
+    errors: list[type[BaseException]] = [ConfigError, UsageError, DataError, FileNotFoundError, CheckpointError,
+                                         EvalError]
     try:
         from sslforge.launcher.slurm import SlurmError
 

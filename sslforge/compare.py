@@ -1,12 +1,13 @@
 """`sslforge compare`: train several recipes or options on the same data, budget and seed, and
-write one table (and a plot) of kNN top-1 and wall time per variant.
+write one table (and a plot) of top-1 and wall time per variant.
 
 A variant is `recipe` or `recipe:key=value,key=value` (e.g. `simclr_synth:method.loss=dcl`),
 optionally named `label=recipe:...`. Every variant's config is loaded and checked before the
 first one trains, and they must agree on what makes the comparison fair: the data, the seed and
 the budget (epochs or steps, global batch); `--set key=value` applies to all of them. Each trains
-through `sslforge train` on `--nproc` local ranks into `<out>/<label>`; its kNN top-1 is the
-trainer's final evaluation on `data.val`.
+through `sslforge train` on `--nproc` local ranks into `<out>/<label>`; its top-1 is the
+trainer's final evaluation on `data.val`: the weighted kNN of a self-supervised encoder, the
+classifier's own top-1 for a supervised method (the table says which).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 
 from sslforge.config import ConfigError, load_config
 
+EVALUATIONS = {"knn_top1": "kNN", "val_top1": "classifier"}  # the trainer's final evaluation
 FAIR = ("data.train", "data.val", "train.seed", "train.epochs", "train.steps", "optim.batch_size")
 
 
@@ -34,7 +36,8 @@ class Variant:
 @dataclass
 class Outcome:
     label: str
-    knn_top1: float
+    top1: float
+    evaluation: str  # the metrics.jsonl key it came from: knn_top1 | val_top1
     minutes: float
     final_loss: float
     embedding_std: float | None
@@ -69,7 +72,7 @@ def load_variants(specs: list[str], shared: list[str], out: Path) -> list[tuple[
             raise ConfigError(f"variants differ in {key} ({values}): a comparison needs the same data, seed and "
                               f"budget; set it for all with --set {key}=...")
     if any(cfg.data.val is None for _, cfg in loaded):
-        raise ConfigError("compare measures kNN top-1 on data.val: every variant needs one")
+        raise ConfigError("compare measures top-1 on data.val: every variant needs one")
     return loaded
 
 
@@ -91,20 +94,21 @@ def train_variant(variant: Variant, cfg: DictConfig, shared: list[str], out: Pat
     if result.returncode != 0:
         raise RuntimeError(f"variant {variant.label} failed with exit status {result.returncode}; see {run_dir}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    knn = [r["knn_top1"] for r in records if "knn_top1" in r]
+    evals = [(key, r[key]) for r in records for key in EVALUATIONS if key in r]
     losses = [r["loss"] for r in records if "loss" in r]
     spread = [r["embedding_std"] for r in records if "embedding_std" in r]
-    return Outcome(variant.label, knn[-1], minutes, losses[-1], spread[-1] if spread else None)
+    return Outcome(variant.label, evals[-1][1], evals[-1][0], minutes, losses[-1], spread[-1] if spread else None)
 
 
 def write_report(outcomes: list[Outcome], out: Path, title: str) -> Path:
-    """compare.json, compare.md (the table) and compare.png (kNN top-1 and minutes per variant)."""
+    """compare.json, compare.md (the table) and compare.png (top-1 and minutes per variant)."""
     (out / "compare.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
-    lines = [f"{title}", "", "| variant | kNN top-1 | minutes | final loss | embedding std |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [f"{title}", "", "| variant | top-1 | evaluation | minutes | final loss | embedding std |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for o in outcomes:
         spread = "-" if o.embedding_std is None else f"{o.embedding_std:.3f}"
-        lines.append(f"| {o.label} | {o.knn_top1:.1f}% | {o.minutes:.1f} | {o.final_loss:.3f} | {spread} |")
+        lines.append(f"| {o.label} | {o.top1:.1f}% | {EVALUATIONS[o.evaluation]} | {o.minutes:.1f} | "
+                     f"{o.final_loss:.3f} | {spread} |")
     table = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(table)
     _plot(outcomes, out / "compare.png", title)
@@ -119,8 +123,8 @@ def _plot(outcomes: list[Outcome], path: Path, title: str) -> None:
 
     labels = [o.label for o in outcomes]
     fig, (acc, wall) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(labels) + 4), 4))
-    acc.bar(labels, [o.knn_top1 for o in outcomes], color="tab:blue")
-    acc.set_ylabel("kNN top-1 (%)")
+    acc.bar(labels, [o.top1 for o in outcomes], color="tab:blue")
+    acc.set_ylabel("top-1 (%): " + ", ".join(sorted({EVALUATIONS[o.evaluation] for o in outcomes})))
     wall.bar(labels, [o.minutes for o in outcomes], color="tab:gray")
     wall.set_ylabel("wall time (min)")
     for ax in (acc, wall):
@@ -138,6 +142,6 @@ def compare(specs: list[str], shared: list[str], out: Path, nproc: int) -> Path:
     loaded = load_variants(specs, shared, out)  # every config checked before anything trains
     cfg = loaded[0][1]
     budget = f"{cfg.train.steps} steps" if cfg.train.steps else f"{cfg.train.epochs} epochs"
-    title = f"kNN top-1 on {Path(str(cfg.data.val)).name}, {budget} of batch {cfg.optim.batch_size}, seed {cfg.train.seed}"
+    title = f"top-1 on {Path(str(cfg.data.val)).name}, {budget} of batch {cfg.optim.batch_size}, seed {cfg.train.seed}"
     outcomes = [train_variant(v, c, shared, out, nproc) for v, c in loaded]
     return write_report(outcomes, out, title)

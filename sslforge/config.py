@@ -29,7 +29,11 @@ class ViewConfig:
 
     `size` None crops at `data.image_size`; a size is in pixels at the `data.image_size` of
     the recipe (or command line) that wrote it, and scales with that image size (see
-    `load_config`)."""
+    `load_config`). `geometry_of` makes a view that shares another's geometry: crop i of this
+    view is cut from the same box of the image, flipped alike, as crop i of view `geometry_of`
+    (an earlier view with the same count), so its patch grid lines up with that crop's; its own
+    `scale` and `flip_p` are not used, and its photometric ops are its own (none: STL's clean
+    view for the token labeler)."""
 
     size: Optional[int] = None
     count: int = 1
@@ -43,6 +47,9 @@ class ViewConfig:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     solarize_p: float = 0.0
+    randaugment: Optional[str] = None  # timm's RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (DeiT, FAN)
+    erase_p: float = 0.0  # random erasing (timm's, per-pixel noise) on the normalised crop
+    geometry_of: Optional[int] = None  # index of the view whose crop boxes and flips this one reuses
 
 
 @dataclass
@@ -64,6 +71,7 @@ class ModelConfig:
     small_stem: Optional[bool] = None  # ResNets; None: automatic for images <= 64 px
     patch_size: Optional[int] = None  # ViTs; None: 16, or 4 for images <= 64 px
     num_heads: Optional[int] = None  # ViTs; None: the model's standard (MoCo v3's ViT-S: 12)
+    depth: Optional[int] = None  # ViTs and FANs: number of blocks (None: the variant's)
     drop_path: float = 0.0  # ViTs: stochastic-depth rate of the last block
     vit_init: str = "timm"  # ViTs: timm | dino | moco (the published initialisations)
     vit_frozen_patch_embed: bool = False  # MoCo v3: random patch projection, frozen
@@ -367,6 +375,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for 'data.views.{i}.size': must be > 0")
         if len(view.scale) != 2 or not 0 < view.scale[0] <= view.scale[1] <= 1:
             raise ConfigError(f"invalid value for 'data.views.{i}.scale': expected 0 < lo <= hi <= 1")
+    from sslforge.data_pipeline.views import check_views
+
+    try:
+        check_views(cfg.data.views)
+    except ValueError as exc:
+        raise ConfigError(f"data.views: {exc}") from None
     from sslforge.methods import method_class
 
     try:

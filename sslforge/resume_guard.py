@@ -29,7 +29,7 @@ from sslforge.config import ConfigError, load_resolved
 NEVER = frozenset({
     "method",  # the method's networks, loss and state
     "model.backbone", "model.small_stem", "model.proj_hidden_dim", "model.proj_output_dim",  # shapes
-    "model.patch_size", "model.num_heads", "model.vit_init",
+    "model.patch_size", "model.num_heads", "model.depth", "model.vit_init",
     "model.vit_frozen_patch_embed", "model.vit_sincos_pos_embed",  # which parameters train
     "optim.name", "optim.exclude_bias_and_norm", "engine.zero_stage",  # optimiser state layout
     "optim.batch_size",  # the data position and the schedule count global batches

@@ -75,7 +75,9 @@ SCALARS = {int: ("7", 7), float: ("0.25", 0.25), bool: ("false", False), str: ("
 CONSTRAINED = {"engine.grad_clip_mode": ("global", "global"), "model.backbone": ("vit_tiny", "vit_tiny"),
                "model.num_heads": ("3", 3), "model.small_stem": ("null", None),
                "method.loss": ("nt_xent", "nt_xent"), "method.fnc_mode": ("elimination", "elimination"),
-               "data.views.0.count": ("2", 2)}  # SimCLR takes two crops
+               "data.views.0.count": ("2", 2),  # SimCLR takes two crops
+               "data.views.0.geometry_of": ("null", None),  # view 0 has no earlier view to share
+               "data.views.0.randaugment": ("rand-m7-n1", "rand-m7-n1")}
 
 
 def _representative(leaf: Leaf) -> tuple[str, Any]:

@@ -1,14 +1,19 @@
 """Multi-crop view transforms and the evaluation transform."""
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 from sslforge.config import ViewConfig
+from timm.data.random_erasing import RandomErasing
+
 from sslforge.data_pipeline.views import (IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size,
-                                          build_eval_transform, build_view_transform)
+                                          build_eval_transform, build_view_transform, draw_geometry)
+from sslforge.data_pipeline.views import _posterize
 
 NO_OPS = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 
@@ -25,7 +30,7 @@ def _unnormalise(x: torch.Tensor) -> torch.Tensor:
 def _op_types(view: ViewConfig) -> set[type]:
     transform = build_view_transform([view])
     ops = set()
-    for op in transform.pipelines[0].transforms:
+    for op in transform.photometric[0].transforms:
         ops.add(type(op))
         ops.update(type(t) for t in getattr(op, "transforms", []))
     return ops
@@ -51,12 +56,20 @@ def test_deterministic_under_a_fixed_seed():
 
 def test_ops_with_zero_probability_are_left_out():
     assert _op_types(ViewConfig(size=16, **NO_OPS)) & {
-        v2.RandomHorizontalFlip, v2.ColorJitter, v2.RandomGrayscale, v2.GaussianBlur,
-        v2.RandomSolarize} == set()
-    full = _op_types(ViewConfig(size=16, flip_p=0.5, jitter_p=0.8, grayscale_p=0.2,
-                                blur_p=0.5, solarize_p=0.2))
-    assert {v2.RandomHorizontalFlip, v2.ColorJitter, v2.RandomGrayscale, v2.GaussianBlur,
-            v2.RandomSolarize} <= full
+        v2.ColorJitter, v2.RandomGrayscale, v2.GaussianBlur, v2.RandomSolarize, RandomErasing} == set()
+    full = _op_types(ViewConfig(size=16, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.2,
+                                erase_p=0.3))
+    assert {v2.ColorJitter, v2.RandomGrayscale, v2.GaussianBlur, v2.RandomSolarize, RandomErasing} <= full
+
+
+def test_a_zero_flip_probability_draws_no_flip():
+    image, view = _image(), ViewConfig(size=16, **NO_OPS)
+    torch.manual_seed(0)
+    assert not draw_geometry(image, view).flip
+    after_no_flip = torch.rand(1)
+    torch.manual_seed(0)
+    draw_geometry(image, ViewConfig(size=16, **{**NO_OPS, "flip_p": 0.5}))
+    assert not torch.equal(torch.rand(1), after_no_flip)  # a flip probability costs one draw
 
 
 def test_grayscale_makes_channels_equal():
@@ -88,3 +101,18 @@ def test_eval_transform_resizes_and_centre_crops():
     out = _unnormalise(build_eval_transform(224)(big))
     assert tuple(out.shape) == (3, 224, 224)
     assert torch.allclose(out[:, 100, 100], torch.tensor([1.0, 0.0, 0.0]), atol=1e-3)
+
+
+def test_randaugment_at_full_magnitude_posterizes_to_black() -> None:
+    """timm's "inc1" posterize keeps 0 bits at magnitude 10, which Pillow 13 refuses (a worker
+    crashed on it); such an image turns black, as with the Pillow timm was written for."""
+    view = ViewConfig(size=16, randaugment="rand-m10-n15-inc1", **NO_OPS)
+    transform = build_view_transform([view])
+    for seed in range(20):  # unpatched, about half of these raise
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        assert transform(_image())[0].shape == (3, 16, 16)
+    black = _posterize(Image.new("RGB", (4, 4), (200, 100, 50)), 0)
+    assert black.getpixel((0, 0)) == (0, 0, 0)
+    assert _posterize(Image.new("RGB", (4, 4), (200, 100, 50)), 2).getpixel((0, 0)) == (192, 64, 0)

@@ -111,10 +111,11 @@ def test_compare_trains_variants_on_one_budget_and_writes_its_table(tmp_path: Pa
     assert [r["label"] for r in rows] == ["simclr_synth", "dcl"]
     for row in rows:  # each run's own final kNN, as its metrics logged it
         records = [json.loads(x) for x in (out / row["label"] / "metrics.jsonl").read_text().splitlines()]
-        assert row["knn_top1"] == [r["knn_top1"] for r in records if "knn_top1" in r][-1]
+        assert row["evaluation"] == "knn_top1"
+        assert row["top1"] == [r["knn_top1"] for r in records if "knn_top1" in r][-1]
         assert row["minutes"] > 0
     table = (out / "compare.md").read_text()
-    assert "| dcl |" in table and "2 steps of batch 128" in table
+    assert "| dcl |" in table and "| kNN |" in table and "2 steps of batch 128" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import random
 import signal
 from collections import deque
 from dataclasses import dataclass
@@ -253,9 +254,13 @@ class _TrainStream(IterableDataset):
                 views = []
                 for item in items:
                     # CPU generator only: torch.manual_seed would also queue a CUDA
-                    # re-seed with a captured stack trace, ~1 ms per sample
-                    torch.default_generator.manual_seed(
-                        _torch_seed(self.seed, epoch, slot, _AUGMENT, item.position))
+                    # re-seed with a captured stack trace, ~1 ms per sample. Python's and
+                    # numpy's global generators too: timm's RandAugment and random erasing
+                    # draw from them.
+                    seed = _torch_seed(self.seed, epoch, slot, _AUGMENT, item.position)
+                    torch.default_generator.manual_seed(seed)
+                    random.seed(seed)
+                    np.random.seed(seed % 2**32)
                     views.append(self.transform(item.image))
             yield {
                 "views": [torch.stack(crops) for crops in zip(*views)],

@@ -38,7 +38,7 @@ def extract_features(encoder: nn.Module, shards_spec: str, image_size: int, batc
     from sslforge.data_pipeline.shards import expand_shards
     from sslforge.data_pipeline.views import build_eval_transform
 
-    encoder = _with_rank0_buffers(encoder)
+    encoder = with_rank0_buffers(encoder)
     was_training = encoder.training
     encoder.eval()
     feats, labels, indices = [], [], []
@@ -59,7 +59,7 @@ def extract_features(encoder: nn.Module, shards_spec: str, image_size: int, batc
     return DatasetFeatures(all_feats[order], all_labels[order], all_idx[order])
 
 
-def _with_rank0_buffers(encoder: nn.Module) -> nn.Module:
+def with_rank0_buffers(encoder: nn.Module) -> nn.Module:
     """The encoder, or on several ranks a copy holding rank 0's buffers: per-rank batch norm
     (MoCo's shuffle BN) leaves each rank its own running statistics, and every sample must be
     encoded by the same network whichever rank reads it (DDP broadcasts rank 0's buffers too)."""

@@ -14,6 +14,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from sslforge import distributed
+from sslforge.eval import EvalError
 from sslforge.eval.features import extract_features
 from sslforge.launcher.env import DistEnv
 
@@ -22,9 +23,9 @@ def weighted_knn(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
                  val_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
     """Top-1 accuracy (%) of similarity-weighted kNN votes; features must be L2-normalised."""
     if len(train_feats) == 0 or len(val_feats) == 0:
-        raise ValueError("kNN needs a non-empty train bank and val set")
+        raise EvalError("kNN needs a non-empty train bank and val set")
     if (train_labels < 0).any() or (val_labels < 0).any():
-        raise ValueError("kNN needs labelled shards (KEY.cls) for both the bank and the val set")
+        raise EvalError("kNN needs labelled shards (KEY.cls) for both the bank and the val set")
     k = min(k, len(train_feats))
     index = faiss.IndexFlatIP(train_feats.shape[1])
     index.add(np.ascontiguousarray(train_feats.numpy(), dtype=np.float32))

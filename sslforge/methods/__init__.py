@@ -12,13 +12,16 @@ from sslforge.methods.moco_v3 import MoCoV3
 from sslforge.methods.pcl import PCL
 from sslforge.methods.simclr import SimCLR
 from sslforge.methods.simsiam import SimSiam
+from sslforge.methods.stl import STLLabeler, STLStudent
 from sslforge.methods.supcon import SupCon
+from sslforge.methods.supervised import Supervised
 from sslforge.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam,
                                   "moco_v2": MoCoV2, "moco_v3": MoCoV3, "dino": DINO,
                                   "swav": SwAV, "pcl": PCL, "hcsc": HCSC,
-                                  "supcon": SupCon}
+                                  "supcon": SupCon, "supervised": Supervised,
+                                  "stl_labeler": STLLabeler, "stl_student": STLStudent}
 
 
 def method_class(name: str) -> type[Method]:

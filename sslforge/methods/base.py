@@ -20,6 +20,10 @@ the trainer knows nothing method-specific and never names a method. Where each n
   updated in `on_after_optimizer_step` (`models.ema`), kept float32 by `fp32_modules`.
 - Queues, centres, prototypes: buffers, so checkpoints save and restore them exactly.
 - The evaluated and exported network: `encoder` (DINO: the teacher backbone; MoCo: the query one).
+- Supervised methods: `classifier`, the network that maps images to class logits (its EMA copy
+  when one is kept), scored by top-1 on `data.val` at each evaluation and by
+  `sslforge eval robustness`; one with per-token logits also has `forward_dense`
+  (`models/token_classifier.py`), which `sslforge eval token-labels` draws.
 - Config checks of its own (key ranges, options that do not fit): `check_config`, run when the
   recipe is loaded, before any process starts.
 - Labels (supervised methods): `needs_labels`; the loader then refuses a sample without `.cls`,
@@ -89,6 +93,10 @@ class Method(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def encoder(self) -> nn.Module:
         """The network that is evaluated and exported."""
+
+    def classifier(self) -> nn.Module | None:
+        """The image-to-logits network evaluated by top-1 (supervised methods), or None."""
+        return None
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters, optionally split into groups with keys the trainer understands:

@@ -1,11 +1,11 @@
-"""Backbones: torchvision ResNets and timm Vision Transformers, each returning (B, dim) features.
+"""Backbones: torchvision ResNets, timm Vision Transformers and FANs, each returning (B, dim) features.
 
 `model.backbone` names one of `BACKBONES`; the other `model.*` keys shape it:
 - ResNets (torchvision, classifier removed). On images of 64 px or less the ImageNet stem (7x7
   stride-2 conv + max-pool) throws away most of the spatial resolution, so solo-learn and the
   SimCLR CIFAR recipe swap it for a 3x3 stride-1 conv and no pool; `small_stem` None makes that
   choice from the image size. torchvision's ResNets have no stochastic depth, so `drop_path` and
-  the other ViT keys are refused rather than silently ignored.
+  the other ViT and FAN keys are refused rather than silently ignored.
 - ViTs (timm's VisionTransformer, built from the hyperparameters DINO and MoCo v3 use: depth 12,
   MLP ratio 4, qkv bias, LayerNorm eps 1e-6). The output is the normalised class token. Patch 16,
   or 4 on images of 64 px or less so the built-in 16-32 px data still makes 16-64 tokens.
@@ -18,6 +18,15 @@
   xavier-uniform Linear with q, k and v treated separately, patch projection uniform
   +-sqrt(6 / (3 p^2 + D))). MoCo v3's ViT also sets `vit_frozen_patch_embed` (that random patch
   projection, frozen) and `vit_sincos_pos_embed` (the fixed 2-D sin-cos position embedding).
+- FANs (Fully Attentional Networks, STL's backbones; models/fan.py builds them from timm layers):
+  fan_tiny/small/base are NVlabs/FAN's fan_tiny_12_p16_224, fan_small_12_p16_224 and
+  fan_base_18_p16_224 (a convolutional patch stem), fan_*_hybrid its fan_tiny_8_p4_hybrid,
+  fan_small_12_p4_hybrid (10 blocks, as built there) and fan_base_16_p4_hybrid (a ConvNeXt stem).
+  The output is the normalised class token after the class-attention blocks. `patch_size` is the
+  token stride, 4, 8 or 16 (None: 16, or 4 on images of 64 px or less, as for the ViTs; the hybrid
+  then shrinks its ConvNeXt strides, see fan.py); `drop_path` is the rate of every FAN block, as
+  FAN builds it; `num_heads` overrides the variant's heads; the `vit_*` keys are refused.
+- `depth` (ViTs and FANs) overrides the number of blocks, so CPU presets can run shallow models.
 """
 from __future__ import annotations
 
@@ -63,7 +72,26 @@ _VITS: dict[str, _ViTSize] = {
     "vit_base": _ViTSize(768, 12, 12),
 }
 
-BACKBONES: tuple[str, ...] = (*_RESNETS, *_VITS)
+
+class _FANSize(NamedTuple):
+    embed_dim: int
+    depth: int
+    num_heads: int
+    hybrid: bool  # ConvNeXt stem instead of the convolutional patch stem
+
+
+# NVlabs/FAN models/fan.py (the STL repository builds the same)
+_FANS: dict[str, _FANSize] = {
+    "fan_tiny": _FANSize(192, 12, 4, False),
+    "fan_small": _FANSize(384, 12, 8, False),
+    "fan_base": _FANSize(448, 18, 8, False),
+    "fan_tiny_hybrid": _FANSize(192, 8, 8, True),
+    "fan_small_hybrid": _FANSize(384, 10, 8, True),
+    "fan_base_hybrid": _FANSize(448, 16, 8, True),
+}
+FAN_TOKEN_STRIDES: tuple[int, ...] = (4, 8, 16)  # models/fan.py's stems (no timm import here)
+
+BACKBONES: tuple[str, ...] = (*_RESNETS, *_VITS, *_FANS)
 VIT_INITS: tuple[str, ...] = ("timm", "dino", "moco")
 
 
@@ -72,6 +100,8 @@ def build_backbone(model_cfg: ModelConfig | Any, image_size: int) -> tuple[nn.Mo
     check_model_config(model_cfg, image_size)
     if model_cfg.backbone in _RESNETS:
         return _build_resnet(model_cfg.backbone, image_size, model_cfg.small_stem)
+    if model_cfg.backbone in _FANS:
+        return _build_fan(model_cfg, image_size)
     return _build_vit(model_cfg, image_size)
 
 
@@ -83,42 +113,69 @@ def check_model_config(model_cfg: ModelConfig | Any, image_size: int) -> None:
         raise ValueError(f"unknown backbone '{name}' (model.backbone); known: {', '.join(BACKBONES)}")
     if name in _RESNETS:
         _check_resnet_keys(model_cfg)
+    elif name in _FANS:
+        _check_fan_keys(model_cfg, image_size)
     else:
         _check_vit_keys(model_cfg, image_size)
 
 
 def _check_resnet_keys(model_cfg: ModelConfig | Any) -> None:
-    vit_only = {"patch_size": model_cfg.patch_size is not None,
-                "num_heads": model_cfg.num_heads is not None,
-                "drop_path": model_cfg.drop_path != 0.0,
-                "vit_init": model_cfg.vit_init != "timm",
-                "vit_frozen_patch_embed": model_cfg.vit_frozen_patch_embed,
-                "vit_sincos_pos_embed": model_cfg.vit_sincos_pos_embed}
-    for key, is_set in vit_only.items():
+    transformer_only = {"patch_size": model_cfg.patch_size is not None,
+                        "num_heads": model_cfg.num_heads is not None,
+                        "depth": model_cfg.depth is not None,
+                        "drop_path": model_cfg.drop_path != 0.0,
+                        "vit_init": model_cfg.vit_init != "timm",
+                        "vit_frozen_patch_embed": model_cfg.vit_frozen_patch_embed,
+                        "vit_sincos_pos_embed": model_cfg.vit_sincos_pos_embed}
+    for key, is_set in transformer_only.items():
         if is_set:
-            raise ValueError(f"model.{key} applies to ViT backbones only, not '{model_cfg.backbone}' "
-                             "(torchvision ResNets have no stochastic depth, patches or heads)")
+            raise ValueError(f"model.{key} does not apply to the ResNet '{model_cfg.backbone}' (torchvision's "
+                             "ResNets have no stochastic depth, patches, heads, block count or ViT options)")
 
 
-def _check_vit_keys(model_cfg: ModelConfig | Any, image_size: int) -> None:
-    size, patch = _VITS[model_cfg.backbone], vit_patch_size(model_cfg, image_size)
+def _check_transformer_keys(model_cfg: ModelConfig | Any, image_size: int, embed_dim: int) -> None:
+    """The keys ViTs and FANs share."""
+    patch = vit_patch_size(model_cfg, image_size)
     if model_cfg.small_stem is not None:
         raise ValueError(f"model.small_stem applies to ResNets only, not '{model_cfg.backbone}' "
-                         "(a ViT on small images uses a small model.patch_size)")
+                         "(a ViT or FAN on small images uses a small model.patch_size)")
     if patch <= 0 or image_size % patch:
         raise ValueError(f"model.patch_size {patch} must be positive and divide data.image_size {image_size}")
     heads = model_cfg.num_heads
-    if heads is not None and (heads <= 0 or size.embed_dim % heads):
-        raise ValueError(f"model.num_heads {heads} must divide the embedding width {size.embed_dim} "
+    if heads is not None and (heads <= 0 or embed_dim % heads):
+        raise ValueError(f"model.num_heads {heads} must divide the embedding width {embed_dim} "
                          f"of {model_cfg.backbone}")
+    if model_cfg.depth is not None and model_cfg.depth <= 0:
+        raise ValueError(f"model.depth {model_cfg.depth} must be a positive number of blocks")
     if not 0.0 <= model_cfg.drop_path < 1.0:
         raise ValueError(f"model.drop_path {model_cfg.drop_path} must be in [0, 1)")
+
+
+def _check_vit_keys(model_cfg: ModelConfig | Any, image_size: int) -> None:
+    _check_transformer_keys(model_cfg, image_size, _VITS[model_cfg.backbone].embed_dim)
     if model_cfg.vit_init not in VIT_INITS:
         raise ValueError(f"model.vit_init '{model_cfg.vit_init}' is not one of {', '.join(VIT_INITS)}")
 
 
+def _check_fan_keys(model_cfg: ModelConfig | Any, image_size: int) -> None:
+    name = model_cfg.backbone
+    _check_transformer_keys(model_cfg, image_size, _FANS[name].embed_dim)
+    stride = vit_patch_size(model_cfg, image_size)
+    if stride not in FAN_TOKEN_STRIDES:
+        raise ValueError(f"model.patch_size {stride} of '{name}' must be one of "
+                         f"{', '.join(map(str, FAN_TOKEN_STRIDES))} (FAN's convolutional stems)")
+    vit_only = {"vit_init": model_cfg.vit_init != "timm",
+                "vit_frozen_patch_embed": model_cfg.vit_frozen_patch_embed,
+                "vit_sincos_pos_embed": model_cfg.vit_sincos_pos_embed}
+    for key, is_set in vit_only.items():
+        if is_set:
+            raise ValueError(f"model.{key} applies to ViT backbones only, not '{name}' "
+                             "(FAN has its own initialisation and Fourier position encoding)")
+
+
 def vit_patch_size(model_cfg: ModelConfig | Any, image_size: int) -> int:
-    """`model.patch_size`, or 16 (4 on images of 64 px or less: enough tokens on tiny data)."""
+    """`model.patch_size` (a FAN's token stride), or 16 (4 on images of 64 px or less: enough
+    tokens on tiny data)."""
     if model_cfg.patch_size is not None:
         return model_cfg.patch_size
     return SMALL_IMAGE_PATCH if image_size <= SMALL_IMAGE_MAX else PATCH
@@ -143,7 +200,8 @@ def _build_vit(model_cfg: ModelConfig | Any, image_size: int) -> tuple[nn.Module
     patch = vit_patch_size(model_cfg, image_size)
     net = VisionTransformer(
         img_size=image_size, patch_size=patch, num_classes=0, global_pool="token",
-        embed_dim=size.embed_dim, depth=size.depth, num_heads=model_cfg.num_heads or size.num_heads,
+        embed_dim=size.embed_dim, depth=model_cfg.depth or size.depth,
+        num_heads=model_cfg.num_heads or size.num_heads,
         mlp_ratio=4.0, qkv_bias=True, dynamic_img_size=True, dynamic_img_pad=True,
         drop_path_rate=model_cfg.drop_path, weight_init="moco" if model_cfg.vit_init == "moco" else "")
     if model_cfg.vit_init == "dino":
@@ -154,6 +212,16 @@ def _build_vit(model_cfg: ModelConfig | Any, image_size: int) -> tuple[nn.Module
         net.patch_embed.proj.requires_grad_(False)
     if model_cfg.vit_sincos_pos_embed:
         _fix_sincos_pos_embed(net)
+    return net, size.embed_dim
+
+
+def _build_fan(model_cfg: ModelConfig | Any, image_size: int) -> tuple[nn.Module, int]:
+    # fan.py imports timm: imported here for the reason _build_vit gives
+    from sslforge.models.fan import build_fan
+
+    size = _FANS[model_cfg.backbone]
+    net = build_fan(size.embed_dim, model_cfg.depth or size.depth, model_cfg.num_heads or size.num_heads,
+                    vit_patch_size(model_cfg, image_size), size.hybrid, model_cfg.drop_path)
     return net, size.embed_dim
 
 

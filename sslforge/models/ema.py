@@ -21,9 +21,19 @@ def momentum_copy(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target = momentum * target + (1 - momentum) * online, in place, for every parameter."""
+def ema_update_(target: nn.Module, online: nn.Module, momentum: float, buffers: bool = False) -> None:
+    """target = momentum * target + (1 - momentum) * online, in place, for every parameter;
+    with `buffers`, also for floating buffers (other buffers copied): a model EMA that is
+    evaluated itself, as timm's ModelEmaV2, never runs a forward in training mode to keep its
+    batch-norm statistics."""
     pairs = _matched_parameters(target, online)
+    if buffers:
+        own = dict(online.named_buffers())
+        for name, buffer in target.named_buffers():
+            if buffer.is_floating_point():
+                pairs.append((buffer, own[name]))
+            else:
+                buffer.copy_(own[name])
     if not pairs:
         return
     targets = [t for t, _ in pairs]

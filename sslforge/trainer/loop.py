@@ -296,14 +296,23 @@ class Trainer:
                               {"position": vars(self.pos).copy(), "wandb_id": self.monitor.wandb_id})
 
     def evaluate(self) -> float | None:
-        """Weighted kNN top-1 of the encoder on `data.val` (skipped when no val set)."""
+        """On `data.val` (skipped when there is none): a supervised method's classifier top-1
+        and top-5, else the weighted kNN top-1 of the encoder."""
         if not self.cfg.data.val:
             return None
-        from sslforge.eval.knn import knn_top1
+        classifier = self.method.classifier()
+        if classifier is not None:
+            from sslforge.eval.classify import classifier_accuracy
 
-        top1 = knn_top1(self.method.encoder(), self.cfg, self.env)
-        self.monitor.log({"step": self.pos.step, "epoch": self.pos.epoch, "knn_top1": top1})
-        return top1
+            acc = classifier_accuracy(classifier, self.cfg.data.val, self.cfg.data.image_size,
+                                      self.cfg.eval.batch_size, self.env, self.cfg.data.num_workers)
+            record = {"val_top1": acc["top1"], "val_top5": acc["top5"]}
+        else:
+            from sslforge.eval.knn import knn_top1
+
+            record = {"knn_top1": knn_top1(self.method.encoder(), self.cfg, self.env)}
+        self.monitor.log({"step": self.pos.step, "epoch": self.pos.epoch, **record})
+        return next(iter(record.values()))
 
 
 @dataclass
