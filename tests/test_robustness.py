@@ -288,31 +288,7 @@ def test_a_baseline_missing_a_corruption_fails_before_the_evaluation() -> None:
                             baseline=load_baseline("alexnet"))
 
 
-# ---------------------------------------------------------------- a real run
-
-FAN = ["model.backbone=fan_tiny_hybrid", "model.depth=2", "data.image_size=32", "model.drop_path=0.0",
-       "method.num_classes=10", "method.mix_prob=0.0", "method.ema_decay=0.9"]
-
-
-def _train_and_score(run_dir: str, recipe: str, val: str) -> dict:
-    """One step of a supervised recipe, checkpointed with its config, then `robustness_from_run`."""
-    trainer = step_trainer(run_dir, *FAN, recipe=recipe)
-    trainer.fit()
-    save_config(trainer.cfg, Path(run_dir) / "config.yaml")
-    return robustness_from_run(Path(run_dir), val=val, extra_sets={"again": val},
-                               corruptions=["gaussian_noise", "contrast"], severities=[1, 5], batch_size=64,
-                               workers=0)
-
-
-def test_a_run_is_scored_and_its_results_written(tmp_path: Path, synth_data: dict) -> None:
-    result = run_ranks(_train_and_score, 1, str(tmp_path), "supervised_synth", synth_data["val"])[0]
-    assert result["samples"] == 256 and result["step"] == 1
-    assert result["extra"]["again"]["top1"] == pytest.approx(result["clean_top1"])
-    assert json.loads((tmp_path / RESULT_FILE).read_text()) == result
-    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["eval"] == "robustness" and record["mca"] == pytest.approx(result["mca"])
-    assert record["top1/again"] == pytest.approx(result["clean_top1"])
-
+# ---------------------------------------------------------------- a real run (scored end to end: test_stl.py)
 
 def _score_self_supervised(run_dir: str, val: str) -> str:
     trainer = step_trainer(run_dir, "model.backbone=resnet10", "data.image_size=16", recipe="simclr_synth")

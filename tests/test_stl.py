@@ -188,7 +188,8 @@ def test_one_step_of_each_stage_on_two_ranks_equals_one(recipe: str, labeler_run
 def test_stage_one_then_stage_two_train_end_to_end(synth_data: dict, tmp_path: Path) -> None:
     """The CPU presets through `sslforge train` on 2 ranks: the labeler, then a student reading
     the labeler's run; each logs finite losses, its token loss and val top-1, and checkpoints.
-    A student pointed at a run that is not a labeler is refused before any rank starts."""
+    A student pointed at a run that is not a labeler is refused before any rank starts. Then
+    `eval robustness` scores the student and `eval token-labels` draws the labeler's maps."""
     from tests.test_cli import sslforge
 
     common = [f"data.train={synth_data['train']}", f"data.val={synth_data['val']}", "train.steps=2",
@@ -206,3 +207,19 @@ def test_stage_one_then_stage_two_train_end_to_end(synth_data: dict, tmp_path: P
     refused = sslforge("train", "stl_student_synth", *common, f"run_dir={tmp_path / 'bad'}",
                        f"method.labeler={student}", "--nproc", "2", timeout=120)
     assert refused.returncode == 2 and "stl_labeler" in refused.stderr
+    # the evaluations of a trained stage, through their command lines
+    scored = sslforge("eval", "robustness", str(student), "--corruptions", "gaussian_noise,contrast",
+                      "--severities", "1,5", "--extra", f"again={synth_data['val']}", "--workers", "0", timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    result = json.loads((student / "robustness.json").read_text())
+    assert set(result["corruptions"]) == {"gaussian_noise", "contrast"} and result["step"] == 2
+    assert result["samples"] == 256  # every val image of conftest's synth_data, once
+    assert result["extra"]["again"]["top1"] == result["clean_top1"]  # the same set, scored again
+    record = json.loads((student / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["eval"] == "robustness" and record["mca"] == result["mca"]
+    assert record["top1/again"] == result["clean_top1"]
+    drawn = sslforge("eval", "token-labels", str(labeler), "--count", "2", "--out", str(tmp_path / "maps.png"),
+                     timeout=300)
+    assert drawn.returncode == 0 and (tmp_path / "maps.png").read_bytes()[:4] == b"\x89PNG"
+    bad = sslforge("eval", "robustness", str(student), "--corruptions", "frost", timeout=120)
+    assert bad.returncode == 2 and "frost" in bad.stderr

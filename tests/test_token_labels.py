@@ -24,6 +24,8 @@ class RedSign(nn.Module):
     """Token logits (-2 m, 2 m) with m the mean red of its 4x4 patch: class 1 where the patch
     is red-positive, with confidence sigmoid(4 |m|); the class token averages the tokens."""
 
+    dense = True  # as `Classifier.dense`: per-token logits available
+
     def forward_dense(self, x: torch.Tensor) -> DenseLogits:
         red = F.avg_pool2d(x[:, :1], PATCH)[:, 0]
         tokens = torch.stack([-2 * red, 2 * red], dim=-1)

@@ -206,7 +206,7 @@ def robustness_from_run(source: Path, val: str | None = None, extra_sets: dict[s
     classifier = method.classifier()
     if classifier is None:
         raise EvalError(f"method {cfg.method.name} has no classifier (a self-supervised method): "
-                         "robustness scores supervised runs")
+                        "robustness scores supervised runs")
     val = val or cfg.data.val
     if not val:
         raise EvalError(f"no val shards: pass --val or set data.val in {run_dir / 'config.yaml'}")

@@ -20,7 +20,8 @@ from sslforge.trainer.checkpoint import load_module_weights
 from sslforge.trainer.loop import seed_everything
 
 
-def _run_dir_of(source: Path) -> Path:
+def run_dir_of(source: Path) -> Path:
+    """`source` or the run directory (with config.yaml) above it, a checkpoint directory at most two levels down."""
     for candidate in (source, source.parent, source.parent.parent):
         if (candidate / "config.yaml").is_file():
             return candidate
@@ -31,10 +32,12 @@ def load_method(source: Path, random_init: bool = False) -> tuple[Path, DictConf
     """The run directory at or above `source` (a run or checkpoint directory), its resolved
     config, its method holding the weights of the best loadable checkpoint at `source` (read as
     data only: a checkpoint cannot run code) and that checkpoint's step; with `random_init`, the
-    method as the run's seed builds it, step 0. On CPU: the caller moves what it scores."""
-    run_dir = _run_dir_of(source)
+    method as the run's seed builds it (the global generators reseeded), step 0. On CPU: the
+    caller moves what it scores."""
+    run_dir = run_dir_of(source)
     cfg = load_resolved(run_dir / "config.yaml")
-    seed_everything(cfg.train.seed)
+    if random_init:
+        seed_everything(cfg.train.seed)
     method = build_method(cfg)
     step = 0
     if not random_init:

@@ -33,14 +33,13 @@ class TokenMaps(NamedTuple):
 def token_label_maps(classifier: nn.Module, images: torch.Tensor) -> TokenMaps:
     """Token labels and confidences of normalised `images` from `classifier.forward_dense`
     (class-token logits (B, K) and token logits (B, gh, gw, K)), in eval mode."""
-    dense = getattr(classifier, "forward_dense", None)
-    if dense is None:
+    if not getattr(classifier, "dense", False):
         raise EvalError(f"{type(classifier).__name__} has no forward_dense (per-token logits): "
-                         "token-labels needs a dense classifier such as the STL labeler's")
+                        "token-labels needs a dense classifier such as the STL labeler's")
     was_training = classifier.training
     classifier.eval()
     try:
-        out = dense(images)
+        out = classifier.forward_dense(images)
     finally:
         classifier.train(was_training)
     tokens, cls = out.tokens.float().softmax(-1), out.cls.float().softmax(-1)
@@ -138,10 +137,10 @@ def draw_token_labels(source: Path, shards: str | None = None, out: Path | None 
     classifier = method.classifier()
     if classifier is None:
         raise EvalError(f"method {cfg.method.name} has no classifier (a self-supervised method): "
-                         "token-labels draws a dense supervised classifier's token labels")
-    if not hasattr(classifier, "forward_dense") or getattr(classifier, "token_head", True) is None:
+                        "token-labels draws a dense supervised classifier's token labels")
+    if not getattr(classifier, "dense", False):
         raise EvalError(f"the classifier of method {cfg.method.name} has no per-token head (forward_dense): "
-                         "token-labels needs a dense model such as stl_labeler's or stl's")
+                        "token-labels needs a dense model such as stl_labeler's or stl_student's")
     shards = shards or cfg.data.val
     if not shards:
         raise EvalError(f"no shards to draw: pass --shards or set data.val in {run_dir / 'config.yaml'}")

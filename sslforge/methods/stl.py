@@ -171,7 +171,7 @@ def _check_backbone(cfg: DictConfig) -> None:
 def labeler_config(source: Path) -> DictConfig:
     """The saved config of the stage-1 run at `source` (a run directory or one of its checkpoints)."""
     from sslforge.config import load_resolved
-    from sslforge.eval.run import _run_dir_of as run_dir_of
+    from sslforge.eval.run import run_dir_of
 
     try:
         return load_resolved(run_dir_of(source) / "config.yaml")
@@ -182,10 +182,7 @@ def labeler_config(source: Path) -> DictConfig:
 def load_labeler(source: Path) -> nn.Module:
     """The evaluated classifier (EMA weights) of the stage-1 run at `source`, from its best
     loadable checkpoint, in eval mode."""
-    from sslforge.methods import build_method
-    from sslforge.trainer.checkpoint import load_module_weights
+    from sslforge.eval.run import load_method
 
-    stage1 = build_method(labeler_config(source))
-    weights, _ = load_module_weights(source)
-    stage1.load_state_dict(weights)
+    _, _, stage1, _ = load_method(source)
     return stage1.classifier().eval()

@@ -37,6 +37,11 @@ class Classifier(nn.Module):
         self.head = _head(dim, num_classes)
         self.token_head = _head(dim, num_classes) if dense else None
 
+    @property
+    def dense(self) -> bool:
+        """Whether `forward_dense` (per-token logits) is available."""
+        return self.token_head is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_head is None:
             return self.head(self.backbone(x))
