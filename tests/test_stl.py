@@ -151,6 +151,24 @@ def test_dense_loss_equals_a_hand_computation() -> None:
     assert abs(soft_cross_entropy(student, targets).item() - total / 4) < 1e-6
 
 
+def test_dense_weight_ramp_is_stls_sqrt_of_the_epoch() -> None:
+    """`dense_weight_ramp_epochs: R`: dense_weight * sqrt(epoch / R) while epoch < R, as STL's
+    --dynamic-dense-weight (R = 300), then dense_weight; 0 keeps it constant."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from sslforge.methods.stl import STLStudent
+
+    def weights(ramp: float) -> np.ndarray:
+        method = SimpleNamespace(cfg=OmegaConf.create({"method": {"dense_weight": 2.0, "dense_weight_ramp_epochs": ramp}}))
+        return STLStudent.schedules(method, total_steps=50, steps_per_epoch=10)["dense_weight"]
+
+    expected = [2.0 * math.sqrt(min(step // 10, 3) / 3) for step in range(50)]
+    assert np.allclose(weights(3), expected) and weights(3)[0] == 0.0
+    assert np.array_equal(weights(0), np.full(50, 2.0))
+
+
 # ---------------------------------------------------------------- one step on 2 ranks == 1 rank
 
 FAN = ["model.backbone=fan_tiny_hybrid", "model.depth=2", "data.image_size=32", "model.drop_path=0.0",

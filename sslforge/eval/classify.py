@@ -52,8 +52,10 @@ def _label_problem(labels: torch.Tensor, num_classes: int, shards: str) -> str |
 
 @torch.no_grad()
 def correct_counts(classifier: nn.Module, shards: str, image_size: int, env: DistEnv, batch_size: int,
-                   workers: int, variants: Sequence[Variant] = ()) -> Counts:
-    """Counts summed over ranks; the classifier runs as given (the caller sets eval mode)."""
+                   workers: int, variants: Sequence[Variant] = (),
+                   on_batch: Callable[[int], None] | None = None) -> Counts:
+    """Counts summed over ranks; the classifier runs as given (the caller sets eval mode).
+    `on_batch(n)` is told each time this rank has scored n more samples (a progress bar)."""
     from sslforge.data_pipeline.eval_stream import eval_batches
     from sslforge.data_pipeline.shards import expand_shards
 
@@ -73,6 +75,8 @@ def correct_counts(classifier: nn.Module, shards: str, image_size: int, env: Dis
         for k, variant in enumerate(variants, 2):
             hits[k] += float((classifier(normalize(variant(images, batch["index"]))).argmax(1) == labels).sum())
         seen, skipped = seen + len(labels), skipped + batch["skipped"]
+        if on_batch is not None:
+            on_batch(len(labels))
     problems = [p for p in distributed.all_gather_object(problem) if p]
     if problems:
         raise EvalError(problems[0])

@@ -21,16 +21,17 @@ of Hendrycks & Dietterich 2019 and hendrycks/robustness `ImageNet-C/test.py`), i
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
-from sslforge.eval.corruptions import BENCHMARK, SEVERITIES, check_corruptions, corrupt, sample_seeds
 from sslforge.eval import EvalError
 from sslforge.eval.classify import Variant, correct_counts
+from sslforge.eval.corruptions import BENCHMARK, SEVERITIES, check_corruptions, corrupt, sample_seeds
 from sslforge.eval.features import with_rank0_buffers
 from sslforge.launcher.env import DistEnv
 
@@ -99,6 +100,25 @@ def _extra_set(classifier: nn.Module, shards: str, image_size: int, env: DistEnv
             "skipped": counts.skipped}
 
 
+@contextmanager
+def _progress(shards: str, variants: int, env: DistEnv) -> Iterator[Callable[[int], None] | None]:
+    """On rank 0, a progress bar over its share of the val set (each image is scored clean and
+    under every corruption and severity: the long part on a real val set); elsewhere nothing."""
+    if not env.is_main:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sslforge.data_pipeline.planning import ShardSet
+    from sslforge.data_pipeline.shards import expand_shards
+
+    share = ShardSet.open(expand_shards(shards)).total // env.world_size
+    with Progress(TextColumn(f"[bold]scoring {variants + 1} versions of each image"), BarColumn(),
+                  MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("images", total=share)
+        yield lambda n: bar.advance(task, n)
+
+
 def _corruption(name: str, severity: int, seed: int) -> Variant:
     """Corruption `name` at `severity`, each sample's draws keyed by its index and `seed`."""
     return lambda images, index: corrupt(images, name, severity, sample_seeds(seed, name, severity, index))
@@ -122,8 +142,9 @@ def evaluate_robustness(classifier: nn.Module, val_shards: str, image_size: int,
     model.eval()
     try:
         variants = [(name, s) for name in corruptions for s in severities]
-        counts = correct_counts(model, val_shards, image_size, env, batch_size, workers,
-                                [_corruption(name, s, seed) for name, s in variants])
+        with _progress(val_shards, len(variants), env) as advance:
+            counts = correct_counts(model, val_shards, image_size, env, batch_size, workers,
+                                    [_corruption(name, s, seed) for name, s in variants], advance)
         samples = counts.samples
         top1: dict[str, dict[int, float]] = {name: {} for name in corruptions}
         for (name, severity), h in zip(variants, counts.top1[1:]):

@@ -81,8 +81,8 @@ class STLStudent(Supervised):
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
-        # A frozen submodule: checkpointed with the student, so a resume never depends on the
-        # labeler's files still being there (or unchanged).
+        # A frozen submodule, so it is checkpointed with the student: a resumed student keeps
+        # the labeler it started with even if the stage-1 run has written later checkpoints.
         self.labeler = load_labeler(Path(cfg.method.labeler))
         self.labeler.requires_grad_(False)
 
