@@ -256,12 +256,25 @@ def test_save_refuses_nonfinite_state_and_keeps_the_last_finite_checkpoint(tmp_p
     assert (root / "latest").read_text() == "step_00000003"
 
 
+# STL's stages and their baseline run on a FAN (BatchNorm in its patch stem and MLP); the student's
+# frozen labeler is a freshly built stage-1 classifier rather than a trained run's.
+FAN = ["model.backbone=fan_tiny_hybrid", "model.depth=1"]
+ON_FAN = {"supervised", "stl_labeler", "stl_student"}
+
+
+def _fresh_labeler() -> Any:
+    return tiny_config("unused", *FAN, recipe="stl_labeler_synth")
+
+
 def test_training_step_changes_only_the_buffers_it_declares() -> None:
     """The method contract a skipped step relies on (methods/base.py): whatever `training_step`
     changes in place is in `forward_buffers()`, so the trainer can put it back."""
+    labeler = mock.patch.multiple("sslforge.methods.stl", labeler_config=lambda source: _fresh_labeler(),
+                                  load_labeler=lambda source: build_method(_fresh_labeler()).classifier().eval())
     for name in METHODS:
-        cfg = tiny_config("unused", recipe=f"{name}_synth")
-        method = build_method(cfg).train()
+        with labeler:
+            cfg = tiny_config("unused", *(FAN if name in ON_FAN else []), recipe=f"{name}_synth")
+            method = build_method(cfg).train()
         method.scheduled = {key: values[0] for key, values in method.schedules(10, 10).items()}
         declared = {id(b) for b in method.forward_buffers()}
         before = {n: b.clone() for n, b in method.named_buffers()}
