@@ -126,13 +126,18 @@ def test_drop_path_is_stochastic_depth_in_train_mode_only() -> None:
     net, _ = build_backbone(model_cfg(drop_path=0.5), 16)
     rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in net.blocks]  # rate 0: Identity
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.5, 12))  # DINO's rule
+    assert_random_in_train_mode_only(net, build_backbone(model_cfg(), 16)[0])
+
+
+def assert_random_in_train_mode_only(net: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """`net` (with drop-path) differs between two forwards in train mode only; `plain` (the same
+    without) never does."""
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         net.train()
         assert not torch.allclose(net(x), net(x))
         net.eval()
         torch.testing.assert_close(net(x), net(x), rtol=0, atol=0)
-        plain, _ = build_backbone(model_cfg(), 16)
         plain.train()
         torch.testing.assert_close(plain(x), plain(x), rtol=0, atol=0)
 

@@ -19,6 +19,7 @@ from sslforge.config import ModelConfig
 from sslforge.models import fan
 from sslforge.models.backbones import BACKBONES, FAN_TOKEN_STRIDES, build_backbone, check_model_config
 from sslforge.models.tokens import forward_tokens, token_stride
+from tests.test_backbones import assert_random_in_train_mode_only
 
 FANS = ("fan_tiny", "fan_small", "fan_base", "fan_tiny_hybrid", "fan_small_hybrid", "fan_base_hybrid")
 
@@ -209,14 +210,7 @@ def test_drop_path_is_every_fan_blocks_rate_in_train_mode_only() -> None:
     net = build_backbone(model_cfg("fan_tiny", depth=2, drop_path=0.5), 16)[0]
     assert [b.drop_path.drop_prob for b in net.blocks] == [0.5, 0.5]  # FAN's rule: not linear
     assert all(isinstance(b.drop_path1, nn.Identity) for b in net.cls_attn_blocks)
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad():
-        net.train()
-        assert not torch.allclose(net(x), net(x))
-        net.eval()
-        torch.testing.assert_close(net(x), net(x), rtol=0, atol=0)
-        plain = shallow("fan_tiny", 16).train()
-        torch.testing.assert_close(plain(x), plain(x), rtol=0, atol=0)
+    assert_random_in_train_mode_only(net, shallow("fan_tiny", 16))
 
 
 def test_depth_key_shapes_vits_and_fans() -> None:

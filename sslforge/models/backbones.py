@@ -127,10 +127,15 @@ def _check_resnet_keys(model_cfg: ModelConfig | Any) -> None:
                         "vit_init": model_cfg.vit_init != "timm",
                         "vit_frozen_patch_embed": model_cfg.vit_frozen_patch_embed,
                         "vit_sincos_pos_embed": model_cfg.vit_sincos_pos_embed}
-    for key, is_set in transformer_only.items():
+    _refuse_set_keys(model_cfg.backbone, transformer_only, "torchvision's ResNets have no stochastic depth, "
+                     "patches, heads, block count or ViT options")
+
+
+def _refuse_set_keys(backbone: str, keys: dict[str, bool], why: str) -> None:
+    """A ValueError naming the first key set (True) that `backbone` cannot use, and why."""
+    for key, is_set in keys.items():
         if is_set:
-            raise ValueError(f"model.{key} does not apply to the ResNet '{model_cfg.backbone}' (torchvision's "
-                             "ResNets have no stochastic depth, patches, heads, block count or ViT options)")
+            raise ValueError(f"model.{key} does not apply to '{backbone}' ({why})")
 
 
 def _check_transformer_keys(model_cfg: ModelConfig | Any, image_size: int, embed_dim: int) -> None:
@@ -167,10 +172,7 @@ def _check_fan_keys(model_cfg: ModelConfig | Any, image_size: int) -> None:
     vit_only = {"vit_init": model_cfg.vit_init != "timm",
                 "vit_frozen_patch_embed": model_cfg.vit_frozen_patch_embed,
                 "vit_sincos_pos_embed": model_cfg.vit_sincos_pos_embed}
-    for key, is_set in vit_only.items():
-        if is_set:
-            raise ValueError(f"model.{key} applies to ViT backbones only, not '{name}' "
-                             "(FAN has its own initialisation and Fourier position encoding)")
+    _refuse_set_keys(name, vit_only, "ViT options: FAN has its own initialisation and Fourier position encoding")
 
 
 def vit_patch_size(model_cfg: ModelConfig | Any, image_size: int) -> int:
