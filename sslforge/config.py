@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -63,6 +63,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 4
     views: List[ViewConfig] = field(default_factory=list)  # empty: the method's own views
+    tokenizer: str = "words"  # captions: words (built-in, hashed words) | a local Hugging Face tokenizer directory
+    max_tokens: int = 17  # captions are cut or padded to this many tokens (XMC-GAN's COCO setting)
 
 
 @dataclass
@@ -82,11 +84,28 @@ class ModelConfig:
 
 
 @dataclass
+class PartOptimConfig:
+    """One part's optimiser (`PartsMethod`): unset keys take `optim`'s value."""
+
+    every: int = 1  # the part updates at the steps t with (t + 1) % every == 0
+    name: Optional[str] = None
+    base_lr: Optional[float] = None
+    lr_scaling: Optional[str] = None
+    lr_schedule: Optional[str] = None
+    min_lr: Optional[float] = None
+    warmup_epochs: Optional[float] = None
+    weight_decay: Optional[float] = None
+    momentum: Optional[float] = None
+    betas: Optional[List[float]] = None
+
+
+@dataclass
 class OptimConfig:
     name: str = "lars"  # lars | adamw | sgd
     batch_size: int = 256  # global, summed over ranks
     base_lr: float = 0.3  # scaled by `lr_scaling` with the global batch / 256
     lr_scaling: str = "linear"  # linear | sqrt | none
+    lr_schedule: str = "cosine"  # cosine (after the warm-up, down to min_lr) | constant (GANs)
     min_lr: float = 0.0
     warmup_epochs: float = 10.0
     warmup_start_lr: float = 0.0  # the lr the linear warm-up starts from, absolute as min_lr (SwAV: 0.3)
@@ -96,6 +115,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     lars_eta: float = 0.001
     exclude_bias_and_norm: bool = True
+    parts: Dict[str, PartOptimConfig] = field(default_factory=dict)  # PartsMethod: one entry per part
 
 
 @dataclass
@@ -127,6 +147,9 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     batch_size: int = 256
+    inception_weights: Optional[str] = None  # FID (generative methods): local Inception file; None: no FID
+    fid_samples: int = 5000  # generated and real images compared by FID at each evaluation
+    dual_encoder: Optional[str] = None  # R-precision (text-to-image): run dir of a dual_encoder run
 
 
 @dataclass
@@ -179,6 +202,7 @@ _CHOICES = {
     "data.mode": ("finite", "resampled"),
     "optim.name": ("lars", "adamw", "sgd"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "optim.lr_schedule": ("cosine", "constant"),
     "engine.precision": ("fp32", "bf16"),
     "engine.backend": ("auto", "nccl", "gloo"),
     "engine.zero_stage": (0, 1, 2),
@@ -302,6 +326,9 @@ def _merge_recipe(cfg: DictConfig, layer: dict) -> None:
 def _apply_overrides(cfg: DictConfig, pairs: list[tuple[str, Any]]) -> None:
     def apply(c: DictConfig) -> None:
         for key, value in pairs:
+            part = key.split(".")
+            if part[:2] == ["optim", "parts"] and len(part) > 3 and part[2] not in c.optim.parts:
+                c.optim.parts[part[2]] = PartOptimConfig()  # a part named first by an override
             OmegaConf.update(c, key, value, merge=True)
 
     keys = {dotted_key(k) for k, _ in pairs}
@@ -382,11 +409,30 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as exc:
         raise ConfigError(f"data.views: {exc}") from None
     from sslforge.methods import method_class
+    from sslforge.trainer.parts import check_parts_config
 
     try:
+        check_parts_config(cfg, getattr(method_class(cfg.method.name), "part_names", ()))
         method_class(cfg.method.name).check_config(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    _check_part_choices(cfg)
+
+
+def _check_part_choices(cfg: DictConfig) -> None:
+    """Each part's optimiser settings pass the checks `optim`'s own pass."""
+    from sslforge.trainer.parts import part_config
+
+    for name in cfg.optim.parts:
+        optim = part_config(cfg, name).optim
+        for key in ("name", "lr_scaling", "lr_schedule"):
+            if optim[key] not in _CHOICES[f"optim.{key}"]:
+                raise ConfigError(f"invalid value for 'optim.parts.{name}.{key}': {optim[key]!r}; "
+                                  f"expected one of {_CHOICES[f'optim.{key}']}")
+        if len(optim.betas) != 2:
+            raise ConfigError(f"invalid value for 'optim.parts.{name}.betas': expected two numbers")
+        if optim.name == "lars" and cfg.engine.zero_stage > 0:
+            raise ConfigError(f"invalid value for 'optim.parts.{name}.name': LARS needs engine.zero_stage=0")
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

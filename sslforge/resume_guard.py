@@ -35,10 +35,11 @@ NEVER = frozenset({
     "optim.batch_size",  # the data position and the schedule count global batches
     "data.train", "data.mode", "data.samples_per_epoch", "train.seed",  # what the position points into
     "data.image_size", "data.views",  # the inputs the weights were trained on
+    "data.tokenizer", "data.max_tokens",  # the token ids the text weights were trained on
 })
 CONSENT = frozenset({
     "train.epochs", "train.steps",
-    "optim.base_lr", "optim.lr_scaling", "optim.min_lr", "optim.warmup_epochs",
+    "optim.base_lr", "optim.lr_scaling", "optim.lr_schedule", "optim.min_lr", "optim.warmup_epochs",
     "optim.warmup_start_lr", "optim.weight_decay",
     "optim.weight_decay_end",
     "optim.momentum", "optim.betas", "optim.lars_eta",
@@ -62,8 +63,14 @@ class ResumeConflict(ConfigError):
 
 
 def key_class(key: str) -> str:
-    """'never', 'consent' or 'free' for a dotted key; an unlisted key is 'never' (the safe side)."""
+    """'never', 'consent' or 'free' for a dotted key; an unlisted key is 'never' (the safe side).
+    A part's optimiser key (`optim.parts.<part>.<key>`) is classed as `optim.<key>`, its update
+    ratio (`every`) as a change of course."""
     parts = key.split(".")
+    if parts[:2] == ["optim", "parts"] and len(parts) == 4:
+        if parts[3] == "every":
+            return "consent"
+        parts = ["optim", parts[3]]
     for end in range(len(parts), 0, -1):
         prefix = ".".join(parts[:end])
         for name, keys in CLASSES.items():

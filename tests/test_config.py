@@ -51,6 +51,8 @@ def _leaves(cls: type, prefix: tuple = ()) -> Iterator[Leaf]:
             yield from _leaves(kind, (*prefix, f.name))
         elif typing.get_origin(kind) is list and dataclasses.is_dataclass(args[0]):
             yield from _leaves(args[0], (*prefix, f.name, 0))
+        elif typing.get_origin(kind) is dict:
+            continue  # optim.parts: only a PartsMethod takes them (tests/test_parts.py loads them)
         else:
             yield Leaf((*prefix, f.name), kind)
 

@@ -156,6 +156,9 @@ def test_key_classes_follow_the_issue() -> None:
                 "run_dir", "resume", "allow_changes"):
         assert key_class(key) == "free", key
     assert key_class("engine.some_future_key") == "never"  # unclassified: the safe side
+    assert key_class("optim.parts.generator.name") == "never"  # a part's optimiser state layout
+    assert key_class("optim.parts.generator.base_lr") == "consent"
+    assert key_class("optim.parts.generator.every") == "consent"  # the update ratio
 
 
 def _saved_run(tmp_path: Path, *overrides: str) -> Path:

@@ -28,6 +28,14 @@ the trainer knows nothing method-specific and never names a method. Where each n
   recipe is loaded, before any process starts.
 - Labels (supervised methods): `needs_labels`; the loader then refuses a sample without `.cls`,
   naming its shard, and `batch["label"]` holds them.
+- Captions (text-to-image, image-text methods): `needs_captions`; the loader then refuses a sample
+  without a caption (`.txt`, or the `caption` field of `.json`), naming its shard, and the batch
+  holds `caption` (list of str), `text_ids` (B, L) int64 and `text_mask` (B, L) bool, tokenised
+  by `data.tokenizer` (`data_pipeline/captions.py`).
+- Evaluation of its own (generative methods: ELBO, FID, sample grids): `evaluate`, called on every
+  rank at each evaluation instead of the kNN / classifier score; returns the scalars to log and
+  may write images through the context.
+- Several networks with their own optimisers (GANs): subclass `PartsMethod` below.
 - Whole-dataset work before an epoch (PCL's and HCSC's k-means): `epoch_features_encoder` names
   the network, the trainer extracts every training sample's feature with it (all ranks in
   parallel, the evaluation transform, each sample once, in sample-index order: the `index` the
@@ -47,7 +55,9 @@ rank, and must then leave the method exactly as it was):
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -59,11 +69,24 @@ from sslforge.config import MethodConfig, ViewConfig
 from sslforge.eval.features import DatasetFeatures
 
 
+@dataclass
+class EvalContext:
+    """What a method's own `evaluate` gets from the trainer."""
+
+    cfg: DictConfig
+    env: Any  # launcher.env.DistEnv: rank, world size, device
+    step: int
+    epoch: int
+    images_dir: Path  # where image grids go (run_dir/images), created on rank 0
+    log_image: Callable[[str, Path], None]  # (metric name, PNG path): into wandb when it is on; rank 0
+
+
 class Method(nn.Module, metaclass=ABCMeta):
     """Base class; subclasses set `config_class` and implement `views` and `training_step`."""
 
     config_class: type[MethodConfig] = MethodConfig
     needs_labels = False  # supervised methods: a training sample without a `.cls` label is an error
+    needs_captions = False  # text methods: a training sample without a caption is an error
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -96,6 +119,11 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     def classifier(self) -> nn.Module | None:
         """The image-to-logits network evaluated by top-1 (supervised methods), or None."""
+        return None
+
+    def evaluate(self, context: EvalContext) -> dict[str, float] | None:
+        """The method's own evaluation (collective: every rank calls it), or None for the
+        trainer's (classifier top-1, else kNN top-1 of `encoder`)."""
         return None
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -146,3 +174,42 @@ class Method(nn.Module, metaclass=ABCMeta):
         `get_extra_state` for state whose shape the dataset decides). Returns scalars to log."""
         return {}
 
+
+
+class PartsMethod(Method):
+    """A method whose networks have their own optimisers (XMC-GAN: generator and discriminator).
+
+    Each part in `part_names` gets its own DeepSpeed engine and optimiser, set by
+    `optim.parts.<name>` (any `optim.*` key, plus `every`: the part updates at the steps t with
+    (t + 1) % every == 0, so discriminator every 1 and generator every 2 is XMC-GAN's 2:1).
+    At each step the trainer sets `self.updating` (the parts that update, in `part_names` order),
+    then for each of them calls `part_step` and backpropagates its loss through that part's
+    engine alone, and steps the engines once every loss was finite on every rank.
+
+    A part's loss must give gradients to its own parameters only: detach another part's outputs
+    (fake images for the discriminator) or run the other part with its parameters frozen
+    (`models.ema.frozen`); the trainer stops the run naming the parameter that got a gradient
+    from another part's loss. Computation shared by the parts of one step (the generator's
+    images) may be kept on `self` by the first `part_step` for the next ones.
+    `on_after_optimizer_step` runs once after the step (the EMA generator: when the generator
+    is in `self.updating`). Each part's optimiser state and the whole method's state are
+    checkpointed; `param_groups` is not used.
+    """
+
+    part_names: tuple[str, ...] = ()
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.updating: tuple[str, ...] = ()
+
+    @abstractmethod
+    def part_modules(self) -> dict[str, nn.Module]:
+        """The network of each part (its trainable parameters are the part's), by name."""
+
+    @abstractmethod
+    def part_step(self, part: str, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """{"loss": this part's scalar loss, **metrics} at this step (metric names unique
+        across parts)."""
+
+    def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} is trained part by part (part_step), not by training_step")

@@ -8,6 +8,8 @@ the MoCo, BYOL and DINO code.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -55,3 +57,17 @@ def _matched_parameters(target: nn.Module, online: nn.Module) -> list[tuple[torc
             raise ValueError(f"EMA parameter '{name}' has shape {tuple(param.shape)} in the target "
                              f"but {tuple(o[name].shape)} in the online network")
     return [(param, o[name]) for name, param in t.items()]
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Run `module` without recording gradients for its parameters (a GAN's discriminator while
+    the generator's loss goes through it): activations still carry gradients to the inputs."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -10,13 +10,12 @@ once it is built, so a default that moves in a DeepSpeed release cannot change a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import deepspeed
 import torch
+import torch.nn as nn
 from omegaconf import DictConfig
-
-from sslforge.methods.base import Method
 
 
 def deepspeed_config(cfg: DictConfig, local_batch: int, world_size: int) -> dict[str, Any]:
@@ -106,11 +105,13 @@ def restore_settings(engine: deepspeed.DeepSpeedEngine, cfg: DictConfig) -> None
     check_settings(engine, cfg)
 
 
-def build_engine(method: Method, optimizer: torch.optim.Optimizer, cfg: DictConfig,
-                 local_batch: int, world_size: int) -> deepspeed.DeepSpeedEngine:
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig,
+                 local_batch: int, world_size: int, fp32_modules: Iterable[nn.Module] = ()) -> deepspeed.DeepSpeedEngine:
+    """The engine over `module` (the method, or one part of a `PartsMethod`); `fp32_modules`
+    (EMA teachers) are put back in float32 once DeepSpeed has placed the module."""
     engine, _, _, _ = deepspeed.initialize(
-        model=method, optimizer=optimizer, config=deepspeed_config(cfg, local_batch, world_size))
-    for module in method.fp32_modules():
-        module.float()
+        model=module, optimizer=optimizer, config=deepspeed_config(cfg, local_batch, world_size))
+    for fp32 in fp32_modules:
+        fp32.float()
     check_settings(engine, cfg)
     return engine

@@ -45,7 +45,8 @@ class GroupRules:
         optim = cfg.optim
         self.peak_lr = scaled_lr(optim.base_lr, optim.batch_size, optim.lr_scaling)
         warmup = epochs_to_steps(optim.warmup_epochs, steps_per_epoch)
-        self.lr = cosine_schedule(self.peak_lr, optim.min_lr, total_steps, warmup, optim.warmup_start_lr)
+        final_lr = self.peak_lr if optim.lr_schedule == "constant" else optim.min_lr
+        self.lr = cosine_schedule(self.peak_lr, final_lr, total_steps, warmup, optim.warmup_start_lr)
         end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
         self.weight_decay = cosine_schedule(optim.weight_decay, end, total_steps, 0)
         self.steps_per_epoch = steps_per_epoch

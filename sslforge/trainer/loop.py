@@ -21,15 +21,15 @@ from sslforge import distributed
 from sslforge.launcher.env import DistEnv
 from sslforge.launcher.watchdog import PeerLostHook, watch_peers
 from sslforge.methods import build_method
+from sslforge.methods.base import EvalContext, PartsMethod
 from sslforge.models.norm import convert_to_global_bn
 from sslforge.trainer import preemption
 from sslforge.trainer.checkpoint import CheckpointManager
-from sslforge.trainer.engine import build_engine, restore_settings
-from sslforge.trainer.group_rules import GroupRules, clip_per_parameter, method_schedules
+from sslforge.trainer.group_rules import clip_per_parameter, method_schedules
 from sslforge.trainer.monitor import Monitor
 from sslforge.trainer.nonfinite import (BufferSnapshot, all_finite, grads_finite, nonfinite_tensors,
                                         refusal_message, skipped_summary)
-from sslforge.trainer.optim import build_optimizer
+from sslforge.trainer.parts import MethodEngine, PartEngines
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,12 +91,12 @@ class Trainer:
         self.loader = loader if loader is not None else self._build_loader()
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
-        self.rules = GroupRules(cfg, self.total_steps, self.steps_per_epoch)
         self.schedules = method_schedules(self.method.schedules(self.total_steps, self.steps_per_epoch),
                                           self.total_steps)
-        groups = self.rules.prepare(self.method.param_groups())
-        optimizer = build_optimizer(self.method, groups, cfg, lr=self.rules.peak_lr)
-        self.engine = build_engine(self.method, optimizer, cfg, self.local_batch, env.world_size)
+        engines = PartEngines if isinstance(self.method, PartsMethod) else MethodEngine
+        self.engines = engines(self.method, cfg, self.total_steps, self.steps_per_epoch, self.local_batch,
+                               env.world_size)
+        self.engine = self.engines.checkpointed()  # DeepSpeed's engine (one-optimiser methods)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
         self.pos = Position()
         wandb_id = self._resume()
@@ -111,12 +111,17 @@ class Trainer:
 
         method = method_class(self.cfg.method.name)
         views = list(self.cfg.data.views) or method.views(self.cfg)
+        tokenizer = None
+        if method.needs_captions:
+            from sslforge.data_pipeline.captions import build_tokenizer
+
+            tokenizer = build_tokenizer(self.cfg.data.tokenizer, self.cfg.data.max_tokens)
         return ShardLoader(
             expand_shards(self.cfg.data.train), self.local_batch, build_view_transform(views),
             mode=self.cfg.data.mode, samples_per_epoch=self.cfg.data.samples_per_epoch,
             shuffle_buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
             seed=self.cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size,
-            require_labels=method.needs_labels)
+            require_labels=method.needs_labels, **({"tokenizer": tokenizer} if tokenizer else {}))
 
     def _resume(self) -> str | None:
         """Load the checkpoint `resume` names (auto: this run's best loadable one, agreed by every
@@ -125,39 +130,44 @@ class Trainer:
         state = self.checkpoints.resume(self.engine, self.cfg.resume)
         if state is None:
             return None
-        restore_settings(self.engine, self.cfg)  # ZeRO 1/2 bring back the checkpoint's clipping norm
+        self.engines.restore_settings()  # ZeRO 1/2 bring back the checkpoint's clipping norm
         self.pos = Position(**state["position"])
         return state.get("wandb_id")
 
     # ------------------------------------------------------------------ steps
     def begin_step(self) -> dict[str, float]:
-        """This step's schedule values: into the optimiser's groups and the method's `scheduled`."""
-        values = self.rules.apply(self.engine.optimizer, self.pos.step)
+        """This step's schedule values: into the optimisers' groups and the method's `scheduled`
+        (and, for a `PartsMethod`, the parts that update into its `updating`)."""
+        values = self.engines.begin(self.pos.step)
         self.method.scheduled = {name: float(v[self.pos.step]) for name, v in self.schedules.items()}
-        return {"lr": values.lr, "weight_decay": values.weight_decay, **self.method.scheduled}
+        return {**values, **self.method.scheduled}
 
     def forward_backward(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
-        """Forward and (when every rank's loss is finite) backward; returns (outputs, finite):
-        finite when, on every rank, the loss, the running statistics the forward updated and the
-        gradients are (an overflow can happen in the backward)."""
+        """Forward and (when every rank's loss is finite) backward, per engine pass (one, or one
+        per updating part); returns (outputs, finite): finite when, on every rank, the losses,
+        the running statistics the forwards updated and the gradients are (an overflow can
+        happen in the backward)."""
         batch = {k: [v.to(self.env.device, non_blocking=True) for v in batch[k]] if k == "views"
+                 else v.to(self.env.device, non_blocking=True) if k in ("text_ids", "text_mask")
                  else v for k, v in batch.items()}
-        out = self.engine(batch, self.pos.step)
-        forward_ok = bool(torch.isfinite(out["loss"]).item()) and all_finite(self.method.forward_buffers())
-        finite = not distributed.any_rank(not forward_ok)
+        outs: dict[str, dict[str, torch.Tensor]] = {}
+        finite = True
+        for part, engine in self.engines.passes():
+            outs[part] = out = engine(batch, self.pos.step)
+            forward_ok = bool(torch.isfinite(out["loss"]).item()) and all_finite(self.method.forward_buffers())
+            finite = not distributed.any_rank(not forward_ok)
+            if not finite:
+                break
+            self.engines.backward(part, out["loss"])
         if finite:
-            self.engine.backward(out["loss"])
             finite = not distributed.any_rank(not grads_finite(self.method))
         if finite and self.cfg.engine.grad_clip_mode == "per_param" and self.cfg.engine.grad_clip:
             clip_per_parameter(self.method.parameters(), self.cfg.engine.grad_clip)  # averaged grads (ZeRO 0)
-        return out, finite
+        return merge_outputs(outs), finite
 
     def apply_step(self) -> bool:
-        """The optimiser step, then the method's post-step hook; False when it was not applied."""
-        self.engine.step()
-        # ZeRO 1/2: DeepSpeed checks the reduced gradient partitions itself and skips the
-        # update (on every rank, its norm being global) when they are not finite.
-        if not self.engine.was_step_applied():
+        """The optimiser step(s), then the method's post-step hook; False when not applied."""
+        if not self.engines.step():
             return False
         self.method.on_after_optimizer_step(self.pos.step, self.total_steps)
         return True
@@ -182,7 +192,7 @@ class Trainer:
 
     def _skip(self, before: BufferSnapshot) -> None:
         """Leave the method as it was before the step, count it, stop when the policy says so."""
-        self.engine.zero_grad()
+        self.engines.zero_grad()
         before.restore()
         pos = self.pos
         pos.nonfinite_steps += 1
@@ -287,7 +297,7 @@ class Trainer:
         """Checkpoint (collective). Refuses state holding a NaN or inf on any rank (parameters,
         buffers, optimiser state): every checkpoint on disk is finite, so `keep_last` can only
         prune finite checkpoints older than a finite one."""
-        bad = nonfinite_tensors(self.method, self.engine.optimizer)
+        bad = nonfinite_tensors(self.method, *self.engines.optimizers())
         if distributed.any_rank(bool(bad)):
             pointer = self.checkpoints.root / "latest"
             latest = pointer.read_text().strip() if pointer.is_file() else None
@@ -296,23 +306,32 @@ class Trainer:
                               {"position": vars(self.pos).copy(), "wandb_id": self.monitor.wandb_id})
 
     def evaluate(self) -> float | None:
-        """On `data.val` (skipped when there is none): a supervised method's classifier top-1
-        and top-5, else the weighted kNN top-1 of the encoder."""
+        """On `data.val` (skipped when there is none): the method's own evaluation when it has
+        one (generative methods), a supervised method's classifier top-1 and top-5, else the
+        weighted kNN top-1 of the encoder."""
         if not self.cfg.data.val:
             return None
+        record = self.method.evaluate(self._eval_context())
         classifier = self.method.classifier()
-        if classifier is not None:
+        if record is None and classifier is not None:
             from sslforge.eval.classify import classifier_accuracy
 
             acc = classifier_accuracy(classifier, self.cfg.data.val, self.cfg.data.image_size,
                                       self.cfg.eval.batch_size, self.env, self.cfg.data.num_workers)
             record = {"val_top1": acc["top1"], "val_top5": acc["top5"]}
-        else:
+        elif record is None:
             from sslforge.eval.knn import knn_top1
 
             record = {"knn_top1": knn_top1(self.method.encoder(), self.cfg, self.env)}
         self.monitor.log({"step": self.pos.step, "epoch": self.pos.epoch, **record})
-        return next(iter(record.values()))
+        return next(iter(record.values()), None)
+
+    def _eval_context(self) -> EvalContext:
+        images = self.run_dir / "images"
+        if self.env.is_main:
+            images.mkdir(parents=True, exist_ok=True)
+        return EvalContext(self.cfg, self.env, self.pos.step, self.pos.epoch, images,
+                           lambda name, path: self.monitor.log_image(name, path, self.pos.step))
 
 
 @dataclass
@@ -322,6 +341,19 @@ class _Window:
     start: float
     steps: int = 0
     data_wait: float = 0.0
+
+
+def merge_outputs(outs: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One engine pass: its outputs. Several parts: each part's loss as `loss_<part>`, their
+    metrics, and `loss`, the sum of this step's part losses (the progress bar's number)."""
+    if list(outs) == ["model"]:
+        return outs["model"]
+    merged: dict[str, torch.Tensor] = {}
+    for part, out in outs.items():
+        merged.update({k: v for k, v in out.items() if k != "loss"})
+        merged[f"loss_{part}"] = out["loss"].detach()
+    merged["loss"] = sum(merged[f"loss_{part}"] for part in outs)
+    return merged
 
 
 def _close(batches: Iterator[Any]) -> None:

@@ -102,6 +102,13 @@ class Monitor:
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        """An image file the run wrote (a sample grid) into wandb; the file itself is the record."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path))}, step=step)
+
     def advance(self, step: int, status: str = "") -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=status)

@@ -50,14 +50,16 @@ def grads_finite(module: nn.Module) -> bool:
     return all_finite([p.grad for p in module.parameters() if p.grad is not None])
 
 
-def nonfinite_tensors(module: nn.Module, optimizer: Any) -> list[str]:
+def nonfinite_tensors(module: nn.Module, *optimizers: Any) -> list[str]:
     """Names of this rank's parameters, floating buffers and optimiser state entries that hold a
     NaN or inf. `optimizer.state` is the torch optimiser's (ZeRO 1/2: this rank's partition)."""
     bad = [name for name, t in chain(module.named_parameters(), module.named_buffers())
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    for index, state in enumerate(getattr(optimizer, "state", {}).values()):
-        bad += [f"optimizer state {index}.{key}" for key, value in state.items()
-                if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    for which, optimizer in enumerate(optimizers):
+        prefix = f"optimizer {which} " if len(optimizers) > 1 else "optimizer "
+        for index, state in enumerate(getattr(optimizer, "state", {}).values()):
+            bad += [f"{prefix}state {index}.{key}" for key, value in state.items()
+                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
     return bad
 
 
