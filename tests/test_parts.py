@@ -67,7 +67,10 @@ class ToyGAN(PartsMethod):
         return self.discriminator
 
 
-METHODS["toy_gan"] = ToyGAN
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The toy method is known only inside this module's tests (others iterate the registry)."""
+    monkeypatch.setitem(METHODS, "toy_gan", ToyGAN)
 
 RECIPE = """
 name: toy_gan
@@ -206,3 +209,30 @@ def test_a_part_without_settings_is_refused(tmp_path: Path) -> None:
 def test_one_optimiser_methods_refuse_parts() -> None:
     with pytest.raises(ConfigError, match="optim.parts is for methods with several optimised parts"):
         load_config("simclr_synth", ["optim.parts.x.every=1"])
+
+
+def test_zero_stages_step_the_parts_alike(tmp_path: Path) -> None:
+    """Each part's engine under ZeRO 1 and 2 (flattened, partitioned optimiser state) moves the
+    parts as under stage 0, and resumes (the parts' ZeRO files in their sub-directories)."""
+    plain = _trainer(tmp_path, "zero0", steps=4)
+    plain.fit()
+    for stage in (1, 2):
+        run = f"zero{stage}"
+        _trainer(tmp_path, run, f"engine.zero_stage={stage}", steps=4).fit(stop_at_step=1)
+        resumed = _trainer(tmp_path, run, f"engine.zero_stage={stage}", steps=4)
+        assert {e.zero_optimization_stage() for e in resumed.engines.engines.values()} == {stage}
+        resumed.fit()
+        for (name, a), b in zip(plain.method.state_dict().items(), resumed.method.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"stage {stage}: {name}")
+
+
+def test_bf16_autocast_reaches_every_part(tmp_path: Path) -> None:
+    """Each part's forward runs under its engine's autocast (the engines report it), and the
+    critic's matmuls are bf16 there while the weights stay float32."""
+    trainer = _trainer(tmp_path, "bf16", "engine.precision=bf16", steps=2)
+    seen: list[torch.dtype] = []
+    trainer.method.discriminator.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    trainer.fit()
+    assert all(e.torch_autocast_enabled() for e in trainer.engines.engines.values())
+    assert set(seen) == {torch.bfloat16}
+    assert {p.dtype for p in trainer.method.parameters()} == {torch.float32}
