@@ -48,12 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, default=2000, help="validation samples")
     synth.add_argument("--image-size", type=int, default=32)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--captions", action="store_true",
+                       help="also write KEY.txt: a caption naming the size, colour, shape and position drawn")
     shards = data_sub.add_parser("shards", help="turn an ImageFolder tree into webdataset shards")
     shards.add_argument("src")
     shards.add_argument("out")
     shards.add_argument("--max-per-shard", type=int, default=10000)
+    narr = data_sub.add_parser("narratives", help="Localized Narratives (JSONL + <image_id>.jpg images) to "
+                                                  "captioned shards: KEY.jpg, KEY.txt, KEY.json")
+    narr.add_argument("jsonl", help="a Localized Narratives annotation file (one JSON record per line)")
+    narr.add_argument("image_dir", help="directory of the images, named <image_id>.jpg")
+    narr.add_argument("out")
+    narr.add_argument("--max-per-shard", type=int, default=10000)
+    narr.add_argument("--image-size", type=int, default=None,
+                      help="resize each image's shorter side to this (default: keep the JPEG bytes as they are)")
 
-    ev = sub.add_parser("eval", help="evaluate a run: kNN of its encoder, robustness and token labels of its classifier")
+    ev = sub.add_parser("eval", help="evaluate a run: kNN of its encoder, robustness and token labels of its "
+                                     "classifier, FID and R-precision of its generator")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     knn = ev_sub.add_parser("knn", help="weighted kNN top-1 (faiss)")
     knn.add_argument("source", help="run directory or checkpoint directory")
@@ -86,6 +97,24 @@ def _parser() -> argparse.ArgumentParser:
     tl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/token_labels_step<N>.png)")
     tl.add_argument("--count", type=int, default=8, help="images in the grid")
     tl.add_argument("--dpi", type=int, default=100)
+    fid = ev_sub.add_parser("fid", help="FID of a text-to-image run's generator: one image per caption of "
+                                        "the real shards, against their images")
+    fid.add_argument("source", help="run directory or checkpoint directory (a method that generates from captions)")
+    fid.add_argument("--real", required=True, help="captioned shards: the real images and the captions")
+    fid.add_argument("--samples", type=int, default=None, help="images compared (default: the run's eval.fid_samples)")
+    fid.add_argument("--inception-weights", default=None,
+                     help="torch-fidelity's Inception file (default: the run's eval.inception_weights)")
+    rp = ev_sub.add_parser("rprecision", help="R-precision of a text-to-image run's images by a separately trained "
+                                              "dual encoder (own caption among 100, chance 1%%)")
+    rp.add_argument("source", help="run directory or checkpoint directory (a method that generates from captions)")
+    rp.add_argument("--dual-encoder", required=True, help="run directory of a dual_encoder run (not the one the "
+                                                          "generator was trained against)")
+    rp.add_argument("--data", required=True, help="captioned shards whose captions are generated from")
+    rp.add_argument("--samples", type=int, default=None, help="captions scored (default: all)")
+    for generated in (fid, rp):
+        generated.add_argument("--batch-size", type=int, default=64)
+        generated.add_argument("--workers", type=int, default=2)
+        generated.add_argument("--seed", type=int, default=0, help="fixes the noise of each caption's image")
 
     cmp = sub.add_parser("compare", help="train variants on the same data, budget and seed; one table of top-1 and time")
     cmp.add_argument("variants", nargs="+", help="[label=]recipe[:key=value,...]")
@@ -170,8 +199,16 @@ def cmd_data(args: argparse.Namespace) -> int:
         from sslforge.data_pipeline.synth import write_synthetic
 
         paths = write_synthetic(args.out, n_train=args.train, n_val=args.val, image_size=args.image_size,
-                                seed=args.seed)
+                                seed=args.seed, captions=args.captions)
         print(json.dumps(paths))
+        return 0
+    if args.data_command == "narratives":
+        from sslforge.data_pipeline.captions import narratives_to_shards
+
+        shards, written, skipped = narratives_to_shards(args.jsonl, args.image_dir, args.out, args.max_per_shard,
+                                                        args.image_size)
+        print(f"wrote {written} narrative(s) in {len(shards)} shard(s) to {args.out}; skipped {skipped} "
+              f"whose image is missing or unreadable in {args.image_dir}")
         return 0
     from sslforge.data_pipeline.shards import imagefolder_to_shards
 
@@ -183,6 +220,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "robustness":
         return _eval_robustness(args)
+    if args.eval_command in ("fid", "rprecision"):
+        return _eval_generated(args)
     if args.eval_command == "token-labels":
         from sslforge.eval.token_labels import draw_token_labels
 
@@ -217,6 +256,30 @@ def _eval_robustness(args: argparse.Namespace) -> int:
     result = robustness_from_run(Path(args.source), args.val, extra, corruptions, severities, args.baseline,
                                  args.batch_size, args.workers, args.seed)
     print(f"wrote {Path(result['run_dir']) / RESULT_FILE}")
+    return 0
+
+
+def _eval_generated(args: argparse.Namespace) -> int:
+    from sslforge.config import load_resolved
+    from sslforge.eval.generation import score_run
+    from sslforge.eval.run import run_dir_of
+
+    if args.samples is not None and args.samples < 2:
+        raise UsageError(f"--samples must be >= 2, got {args.samples}")
+    if args.eval_command == "fid":
+        cfg = load_resolved(run_dir_of(Path(args.source)) / "config.yaml")
+        weights = args.inception_weights or cfg.eval.inception_weights
+        if not weights:
+            raise UsageError(f"FID needs Inception weights: pass --inception-weights or set eval.inception_weights "
+                             f"in {args.source}'s config")
+        result = score_run(Path(args.source), args.real, fid_weights=weights, dual_encoder=None,
+                           samples=args.samples or cfg.eval.fid_samples, batch_size=args.batch_size,
+                           workers=args.workers, seed=args.seed)
+        print(f"fid {result['fid']:.4f} ({int(result['samples'])} images)")
+        return 0
+    result = score_run(Path(args.source), args.data, fid_weights=None, dual_encoder=args.dual_encoder,
+                       samples=args.samples, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    print(f"r_precision {result['r_precision']:.4f} ({int(result['samples'])} images, chance 0.01)")
     return 0
 
 

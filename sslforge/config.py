@@ -417,6 +417,25 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _check_part_choices(cfg)
+    if method_class(cfg.method.name).needs_captions:
+        _check_tokenizer(cfg)
+    from sslforge.eval.generation import check_eval_config
+
+    try:
+        check_eval_config(cfg)  # the Inception file for FID, the R-precision scorer run
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_tokenizer(cfg: DictConfig) -> None:
+    """A caption method's tokenizer loads (a local directory that is there and holds one)."""
+    from sslforge.data_pipeline import DataError
+    from sslforge.data_pipeline.captions import build_tokenizer
+
+    try:
+        build_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens)
+    except DataError as exc:
+        raise ConfigError(f"invalid value for 'data.tokenizer': {exc}") from None
 
 
 def _check_part_choices(cfg: DictConfig) -> None:

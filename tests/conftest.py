@@ -65,4 +65,5 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from sslforge.data_pipeline.synth import write_synthetic
 
     out = tmp_path_factory.mktemp("synth")
-    return write_synthetic(str(out), n_train=512, n_val=256, image_size=16, seed=0, max_per_shard=100)
+    return write_synthetic(str(out), n_train=512, n_val=256, image_size=16, seed=0, max_per_shard=100,
+                           captions=True)  # the caption methods read them, the others ignore them

@@ -28,14 +28,26 @@ def global_batch(batch_size: int, sizes: Sequence[int] = (16, 16), seed: int = 0
     labels of 3 classes, so a supervised loss has positives on the same and on other ranks."""
     g = torch.Generator().manual_seed(seed)
     return {"views": [torch.randn(batch_size, 3, s, s, generator=g) for s in sizes],
-            "label": torch.arange(batch_size) % 3, "index": torch.arange(batch_size), "skipped": 0}
+            "label": torch.arange(batch_size) % 3, "index": torch.arange(batch_size), "skipped": 0,
+            **captions(batch_size, g)}
+
+
+def captions(batch_size: int, g: torch.Generator, tokens: int = 6) -> dict[str, Any]:
+    """Token ids of random lengths (1..tokens, the rest padding 0) and their captions, for the
+    methods that read captions; the others ignore these keys."""
+    lengths = torch.randint(1, tokens + 1, (batch_size,), generator=g)
+    mask = torch.arange(tokens)[None, :] < lengths[:, None]
+    ids = torch.randint(2, 40, (batch_size, tokens), generator=g) * mask
+    return {"text_ids": ids, "text_mask": mask,
+            "caption": [" ".join(f"w{int(t)}" for t in row[m]) for row, m in zip(ids, mask)]}
 
 
 def local_slice(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     b = len(batch["index"]) // world
     part = slice(rank * b, (rank + 1) * b)
     return {"views": [v[part] for v in batch["views"]], "label": batch["label"][part],
-            "index": batch["index"][part], "skipped": 0}
+            "index": batch["index"][part], "skipped": 0, "text_ids": batch["text_ids"][part],
+            "text_mask": batch["text_mask"][part], "caption": batch["caption"][part]}
 
 
 class FixedLoader:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from sslforge.data_pipeline import DataError
+from sslforge.data_pipeline.captions import Text, Tokenizer, collate_text, sample_text
 from sslforge.data_pipeline.planning import (Segment, ShardSet, buffer_shuffle_order, range_segments,
                                              resampled_segments)
 from sslforge.data_pipeline.shards import IMAGE_EXTS, sample_key
@@ -151,6 +152,7 @@ class _Item(NamedTuple):
     index: int
     image: Image.Image | None
     label: int
+    text: Text | None  # with a tokenizer: the caption and its tokens, kept with the image
 
 
 class _Lookahead:
@@ -208,9 +210,10 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, data: ShardSet, batch_size: int, transform: Callable, mode: str,
                  batches_per_slot: int, shuffle_buffer: int, workers: int, seed: int,
-                 rank: int, world_size: int, require_labels: bool = False) -> None:
+                 rank: int, world_size: int, require_labels: bool = False,
+                 tokenizer: Tokenizer | None = None) -> None:
         self.data, self.batch_size, self.transform, self.mode = data, batch_size, transform, mode
-        self.require_labels = require_labels
+        self.require_labels, self.tokenizer = require_labels, tokenizer
         self.batches_per_slot, self.shuffle_buffer = batches_per_slot, shuffle_buffer
         self.workers, self.seed, self.rank, self.world_size = workers, seed, rank, world_size
         self.epoch, self.skip_batches = 0, 0
@@ -267,6 +270,7 @@ class _TrainStream(IterableDataset):
                 "label": torch.tensor([item.label for item in items], dtype=torch.long),
                 "index": torch.tensor([item.index for item in items], dtype=torch.long),
                 "skipped": sum(item.image is None for item in batch),
+                **(collate_text([item.text for item in items]) if self.tokenizer else {}),
             }
 
     def _items(self, plan: _Plan, needed: np.ndarray, skip: int) -> Iterator[_Item]:
@@ -284,16 +288,24 @@ class _TrainStream(IterableDataset):
             if self.require_labels and image is not None and label < 0:
                 raise DataError(f"sample {raw.key} of shard {raw.shard} has no label (a .cls field "
                                 "holding an integer), and this method trains on labels")
-            yield _Item(position, raw.index, image, label)
+            text = None
+            if self.tokenizer is not None and image is not None:
+                text = sample_text(raw.fields, self.tokenizer, raw.key, raw.shard)
+            yield _Item(position, raw.index, image, label, text)
 
 
 class ShardLoader:
-    """Batches of augmented views for one rank; same batch count on every rank, every epoch."""
+    """Batches of augmented views for one rank; same batch count on every rank, every epoch.
+
+    Batch keys: `views`, `label`, `index`, `skipped`; with a `tokenizer` (captioned methods) also
+    `caption`, `text_ids`, `text_mask` (`data_pipeline/captions.py`), and a sample without a
+    caption stops the run naming its shard and key."""
 
     def __init__(self, shards: list[str], batch_size: int, transform: Callable, *,
                  mode: str = "finite", samples_per_epoch: int | None = None,
                  shuffle_buffer: int = 1000, num_workers: int = 2, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, require_labels: bool = False) -> None:
+                 rank: int = 0, world_size: int = 1, require_labels: bool = False,
+                 tokenizer: Tokenizer | None = None) -> None:
         if mode not in ("finite", "resampled"):
             raise ValueError(f"mode must be 'finite' or 'resampled', not {mode!r}")
         if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or num_workers < 0:
@@ -312,7 +324,7 @@ class ShardLoader:
             self.repeats_per_epoch = 0  # sampling with replacement: repeats are random
         self.num_workers = num_workers
         self._stream = _TrainStream(data, batch_size, transform, mode, per_slot, shuffle_buffer,
-                                    workers, seed, rank, world_size, require_labels)
+                                    workers, seed, rank, world_size, require_labels, tokenizer)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Start `epoch`, resuming after `skip_batches` batches this rank already consumed."""

@@ -19,6 +19,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def unit_pixels(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (B, 3, H, W) crops back to [0, 1] pixels (the views' Normalize
+    undone, exact up to float rounding): what generative methods model."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
 def blur_kernel_size(size: int) -> int:
     """About 10% of the crop side, odd, at least 3 (23 at 224 px, as in SimCLR)."""
     return max(3, int(0.1 * size) // 2 * 2 + 1)

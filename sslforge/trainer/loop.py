@@ -121,7 +121,7 @@ class Trainer:
             mode=self.cfg.data.mode, samples_per_epoch=self.cfg.data.samples_per_epoch,
             shuffle_buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
             seed=self.cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size,
-            require_labels=method.needs_labels, **({"tokenizer": tokenizer} if tokenizer else {}))
+            require_labels=method.needs_labels, tokenizer=tokenizer)
 
     def _resume(self) -> str | None:
         """Load the checkpoint `resume` names (auto: this run's best loadable one, agreed by every
