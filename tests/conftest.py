@@ -50,6 +50,24 @@ def no_process_outlives_the_test() -> Iterator[None]:
     assert not left, "processes started by this test outlived it:\n" + "\n".join(map(_kill, left))
 
 
+RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def rank_variables_stay_with_the_test() -> Iterator[None]:
+    """A test that trains in the pytest process itself (one rank, `init_distributed`) sets the
+    rank variables; a later test's launcher would inherit them (submitit refuses a set
+    MASTER_ADDR, and child ranks would bind the port this process's group listens on). They go
+    with the test; the process group stays, and later in-process tests reuse it."""
+    before = {k: os.environ.get(k) for k in RANK_VARIABLES}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def _kill(proc: psutil.Process) -> str:
     """Kill a leftover (so it cannot disturb the next tests); returns what it was."""
     try:
