@@ -1,16 +1,43 @@
 """The CLI fails before any rank starts, with one line naming the bad input."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 
 def sslforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sslforge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    """`python -m sslforge.cli ARGS`; still running after `timeout` s, it fails the test with the
+    Python stacks of its ranks (which dump them on SIGUSR1), so a hang in CI says where it is."""
+    with subprocess.Popen([sys.executable, "-m", "sslforge.cli", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            err = _stacks_then_kill(proc)
+            pytest.fail(f"sslforge {' '.join(args)} still running after {timeout:g} s; its output and its "
+                        f"ranks' stacks:\n{err[-8000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _stacks_then_kill(proc: subprocess.Popen) -> str:
+    """SIGUSR1 to every rank this test started, a moment for their stacks, then SIGKILL to all."""
+    from tests.conftest import TEST_TOKEN, _kill, _started_by
+
+    started = _started_by(os.environ[TEST_TOKEN])
+    for rank in started:
+        if "sslforge.launcher.worker" in " ".join(rank.cmdline()):
+            rank.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    for leftover in [psutil.Process(proc.pid), *started]:
+        _kill(leftover)
+    return proc.communicate()[1]
 
 
 @pytest.mark.parametrize("override, named", [

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 
 import pytest
@@ -160,3 +161,35 @@ def test_eval_skips_corrupt_samples_without_duplicates(tmp_path):
     batches = [b for rank in range(2) for b in eval_batches(shards, _eval_pixels, 4, rank, 2, 0)]
     assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(1, 23))
     assert sum(b["skipped"] for b in batches) == 2
+
+
+# A lock another thread of the training process holds (gloo's, the rendezvous store's, a queue
+# feeder's) while data workers start. Forked from that process, a worker inherited it held, with
+# no thread left to release it: a rank waited forever at its final evaluation (CI, pcl_synth).
+HELD_ELSEWHERE = threading.Lock()
+
+
+def _needs_the_lock(image):
+    if not HELD_ELSEWHERE.acquire(timeout=5):
+        raise RuntimeError("the data worker inherited a lock its process's other thread held")
+    HELD_ELSEWHERE.release()
+    return raw_pixels(image)
+
+
+def test_data_workers_inherit_no_lock_the_training_process_holds(shards):
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with HELD_ELSEWHERE:
+            holding.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    holding.wait()
+    try:
+        batches = list(ShardLoader(shards, batch_size=4, transform=_needs_the_lock, num_workers=1))
+    finally:
+        done.set()
+        thread.join()
+    assert sum(b["index"].numel() for b in batches) >= N

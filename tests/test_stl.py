@@ -215,7 +215,7 @@ def test_stage_one_then_stage_two_train_end_to_end(synth_data: dict, tmp_path: P
     labeler, student = tmp_path / "labeler", tmp_path / "student"
     for preset, run_dir, own in (("stl_labeler_synth", labeler, []),
                                  ("stl_student_synth", student, [f"method.labeler={labeler}"])):
-        result = sslforge("train", preset, *common, f"run_dir={run_dir}", *own, "--nproc", "2", timeout=600)
+        result = sslforge("train", preset, *common, f"run_dir={run_dir}", *own, "--nproc", "2", timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         token_loss = "dense_loss" if preset == "stl_student_synth" else "token_mean_loss"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import multiprocessing
 import random
 import signal
 from collections import deque
@@ -347,12 +348,38 @@ def _leave_signals_to_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# Data workers start from a fork server: a fresh single-threaded interpreter that imported the
+# pipeline once. Forking the training process itself copies the locks its threads (gloo, the
+# rendezvous store, the watchdog, wandb, a previous loader's queue feeders) hold at that instant,
+# and a worker that needs one waits forever: seen as a rank stuck at its final evaluation.
+WORKER_MODULES = ["sslforge.data_pipeline.stream", "sslforge.data_pipeline.eval_stream"]
+WORKER_TIMEOUT_S = 600  # no batch from the workers for this long: a stuck worker, an error not a hang
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_MODULES)
+    return context
+
+
+def start_worker_server() -> None:
+    """Start the data workers' fork server now (its imports take seconds), so that it gets ready
+    while the caller builds its model; later loaders only fork from it."""
+    _worker_context()
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
 def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
-    """Batches come collated from the stream. The DataLoader draws its workers' base seed from
-    a private generator: all randomness here is seeded per sample, and the caller's global
-    RNG must not advance because data was loaded. Workers that ignore SIGTERM would block
-    multiprocessing's exit hook forever, so this process kills them at exit instead."""
-    if num_workers:
-        kill_data_workers_at_exit()
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
-                      worker_init_fn=_leave_signals_to_trainer, generator=torch.Generator().manual_seed(0))
+    """Batches come collated from the stream, by workers forked from a clean server
+    (`start_worker_server`). The DataLoader draws its workers' base seed from a private
+    generator: all randomness here is seeded per sample, and the caller's global RNG must not
+    advance because data was loaded. Workers that ignore SIGTERM would block multiprocessing's
+    exit hook forever, so this process kills them at exit instead."""
+    if not num_workers:
+        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(0))
+    kill_data_workers_at_exit()
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, multiprocessing_context=_worker_context(),
+                      timeout=WORKER_TIMEOUT_S, worker_init_fn=_leave_signals_to_trainer,
+                      generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,8 @@
 """Entry point of one rank: `python -m sslforge.launcher.worker RUN_DIR/config.yaml`."""
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +40,8 @@ def run_rank(cfg: DictConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     from sslforge.trainer import preemption
 
+    # `kill -USR1 PID` prints every thread's Python stack, even with the GIL held in native code.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     preemption.install_handlers()  # first: a stop asked for while torch imports must not kill the rank
     from sslforge.config import load_resolved
 

@@ -369,8 +369,11 @@ def run(cfg: DictConfig, install_signal_handlers: bool = True,
     """One rank's whole job: process group, trainer, fit. Used by every launch path; any rank's
     failure ends every rank, and a lost one (node down, frozen) calls `on_peer_lost` first
     (`launcher/watchdog.py`)."""
+    from sslforge.data_pipeline.stream import start_worker_server
     from sslforge.launcher.env import init_distributed
 
+    if cfg.data.num_workers:
+        start_worker_server()  # ready by the time the first loader needs workers
     env = init_distributed(cfg.engine.backend, cfg.engine.collective_timeout_min)
     if install_signal_handlers:
         preemption.install_handlers()
