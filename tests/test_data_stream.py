@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from sslforge.data_pipeline import DataError
 from sslforge.data_pipeline.eval_stream import eval_batches
+from sslforge.data_pipeline import stream
 from sslforge.data_pipeline.stream import ShardLoader
 from sslforge.data_pipeline.views import build_view_transform
 from tests.data_helpers import png_colour, raw_pixels, small_views, write_uneven
@@ -193,3 +195,16 @@ def test_data_workers_inherit_no_lock_the_training_process_holds(shards):
         done.set()
         thread.join()
     assert sum(b["index"].numel() for b in batches) >= N
+
+
+def _stuck(image):
+    time.sleep(20)
+    return raw_pixels(image)
+
+
+def test_a_stuck_data_worker_is_an_error_not_a_hang(shards, monkeypatch):
+    monkeypatch.setattr(stream, "WORKER_TIMEOUT_S", 2)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out after 2 seconds"):
+        list(ShardLoader(shards, batch_size=4, transform=_stuck, num_workers=1))
+    assert time.monotonic() - start < 30

@@ -11,8 +11,9 @@ from torchvision.transforms import v2
 from sslforge.config import ViewConfig
 from timm.data.random_erasing import RandomErasing
 
-from sslforge.data_pipeline.views import (IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size,
-                                          build_eval_transform, build_view_transform, draw_geometry)
+from sslforge.data_pipeline.views import (IMAGENET_MEAN, IMAGENET_STD, SeparableGaussianBlur, blur_kernel_size,
+                                          build_eval_transform, build_view_transform, draw_geometry,
+                                          model_input)
 from sslforge.data_pipeline.views import _posterize
 
 NO_OPS = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
@@ -24,23 +25,28 @@ def _image(size: int = 40) -> Image.Image:
 
 
 def _unnormalise(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels of a crop as the network receives it (uint8 ones through `model_input`)."""
+    x = model_input(x[None])[0]
     return x * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
 
 
 def _op_types(view: ViewConfig) -> set[type]:
     transform = build_view_transform([view])
     ops = set()
-    for op in transform.photometric[0].transforms:
+    finish = transform.finish[0].transforms if transform.finish[0] is not None else []
+    for op in [*transform.photometric[0].transforms, *finish]:
         ops.add(type(op))
         ops.update(type(t) for t in getattr(op, "transforms", []))
     return ops
 
 
 def test_shapes_and_counts_per_view():
-    views = [ViewConfig(size=24, count=2), ViewConfig(size=12, count=3, solarize_p=0.2)]
+    views = [ViewConfig(size=24, count=2), ViewConfig(size=12, count=3, solarize_p=0.2),
+             ViewConfig(size=12, erase_p=0.5)]
     crops = build_view_transform(views)(_image())
-    assert [tuple(c.shape) for c in crops] == [(3, 24, 24)] * 2 + [(3, 12, 12)] * 3
-    assert all(c.dtype == torch.float32 for c in crops)
+    assert [tuple(c.shape) for c in crops] == [(3, 24, 24)] * 2 + [(3, 12, 12)] * 4
+    # uint8 to the trainer, but erasing's noise is in normalised units: that view comes finished
+    assert [c.dtype for c in crops] == [torch.uint8] * 5 + [torch.float32]
     assert not torch.equal(crops[0], crops[1])  # two independent crops of one image
 
 
@@ -56,10 +62,10 @@ def test_deterministic_under_a_fixed_seed():
 
 def test_ops_with_zero_probability_are_left_out():
     assert _op_types(ViewConfig(size=16, **NO_OPS)) & {
-        v2.ColorJitter, v2.RandomGrayscale, v2.GaussianBlur, v2.RandomSolarize, RandomErasing} == set()
+        v2.ColorJitter, v2.RandomGrayscale, SeparableGaussianBlur, v2.RandomSolarize, RandomErasing} == set()
     full = _op_types(ViewConfig(size=16, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.2,
                                 erase_p=0.3))
-    assert {v2.ColorJitter, v2.RandomGrayscale, v2.GaussianBlur, v2.RandomSolarize, RandomErasing} <= full
+    assert {v2.ColorJitter, v2.RandomGrayscale, SeparableGaussianBlur, v2.RandomSolarize, RandomErasing} <= full
 
 
 def test_a_zero_flip_probability_draws_no_flip():

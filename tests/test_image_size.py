@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sslforge.config import ViewConfig, load_config
 from sslforge.data_pipeline.views import build_view_transform
@@ -76,7 +77,7 @@ def test_a_view_without_a_size_is_refused_where_no_config_sized_it() -> None:
 
 def _delivered(cfg) -> list[int]:  # type: ignore[no-untyped-def]
     """Crop sides of the first batch from the trainer's own loader (one rank, no workers)."""
-    trainer = SimpleNamespace(cfg=cfg, local_batch=4, env=SimpleNamespace(rank=0, world_size=1))
+    trainer = SimpleNamespace(cfg=cfg, local_batch=4, env=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")))
     loader = Trainer._build_loader(trainer)  # type: ignore[arg-type]
     loader.set_epoch(0)
     views = next(iter(loader))["views"]

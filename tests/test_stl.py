@@ -14,7 +14,7 @@ from PIL import Image
 
 from sslforge.config import ViewConfig, save_config
 from sslforge.data_pipeline.mixing import Mix, MixConfig, draw_mix
-from sslforge.data_pipeline.views import IMAGENET_MEAN, IMAGENET_STD, build_view_transform
+from sslforge.data_pipeline.views import IMAGENET_MEAN, IMAGENET_STD, build_view_transform, model_input
 from sslforge.losses.token_labels import gumbel_uniforms, soft_cross_entropy, token_labels
 from tests.dist_harness import run_ranks
 from tests.trainer_fixtures import assert_two_ranks_equal_one, one_step_of, step_trainer
@@ -30,7 +30,8 @@ def _coordinate_image(width: int = 64, height: int = 48) -> Image.Image:
 
 
 def _pixels(crop: torch.Tensor) -> torch.Tensor:
-    return crop * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    """[0, 1] pixels of a crop as the network receives it."""
+    return model_input(crop[None])[0] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
 
 
 def _views(student: dict) -> list[ViewConfig]:

@@ -23,7 +23,7 @@ from sslforge.losses.elbo import (LOGVAR_MAX, LOGVAR_MIN, bernoulli_log_likeliho
                                   gaussian_log_likelihood, indexed_normal, negative_elbo, reparameterise)
 from sslforge.methods.base import EvalContext
 from sslforge.methods.vae import VAE
-from sslforge.data_pipeline.views import unit_pixels
+from sslforge.data_pipeline.views import model_input, unit_pixels
 from tests.dist_harness import run_ranks
 from tests.trainer_fixtures import global_batch, one_step_of, tiny_config
 
@@ -140,7 +140,7 @@ def test_the_view_undone_gives_the_image_pixels_and_the_encoder_takes_normalised
     assert (view.scale, view.jitter_p, view.blur_p, view.grayscale_p) == ([1.0, 1.0], 0.0, 0.0, 0.0)
     view.flip_p = 0.0  # so the crop is the image itself
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
-    (crop,) = build_view_transform([view])(image)
+    crop = model_input(torch.stack(build_view_transform([view])(image)))[0]  # as the trainer hands it over
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     assert torch.allclose(unit_pixels(crop[None])[0], pixels, atol=1e-6)
     vae.eval()

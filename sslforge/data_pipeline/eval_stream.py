@@ -39,7 +39,7 @@ class _EvalStream(IterableDataset):
         good: list[tuple[torch.Tensor, int, int, Text | None]] = []
         skipped = 0
         for _, raw in read_positions(self.data, segments, np.ones(hi - lo, dtype=bool)):
-            image, label = decode_sample(raw)
+            image, label = decode_sample(raw, getattr(self.transform, "decode_size", None))
             if image is None:
                 skipped += 1
                 continue

@@ -121,9 +121,15 @@ def read_positions(data: ShardSet, segments: Sequence[Segment],
         position += segment.count
 
 
-def decode_sample(raw: _Raw) -> tuple[Image.Image | None, int]:
+DecodeSize = Callable[[int, int], tuple[int, int]]
+
+
+def decode_sample(raw: _Raw, decode_size: DecodeSize | None = None) -> tuple[Image.Image | None, int]:
     """(8-bit RGB image or None if missing/corrupt, label or -1); a bad sample is logged once
-    (an unreadable one by `_read_segment`, once per shard)."""
+    (an unreadable one by `_read_segment`, once per shard). `decode_size(width, height)` is the
+    least size the caller needs: a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that
+    keeps it at least that large (PIL's draft mode: libjpeg-turbo's scaled IDCT); other formats
+    decode whole."""
     label = -1
     if raw.fields is None:
         return None, label
@@ -138,6 +144,8 @@ def decode_sample(raw: _Raw) -> tuple[Image.Image | None, int]:
         return None, label
     try:
         with Image.open(io.BytesIO(encoded)) as image:
+            if decode_size is not None and image.format == "JPEG":
+                image.draft("RGB", decode_size(*image.size))
             if image.mode.startswith("I"):  # 16-bit greyscale: convert() would clip it to white
                 image = Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
             return image.convert("RGB"), label
@@ -285,7 +293,7 @@ class _TrainStream(IterableDataset):
                 at, raw = next(reader)
                 held[at] = raw
             raw = held.pop(wanted)
-            image, label = decode_sample(raw)
+            image, label = decode_sample(raw, getattr(self.transform, "decode_size", None))
             if self.require_labels and image is not None and label < 0:
                 raise DataError(f"sample {raw.key} of shard {raw.shard} has no label (a .cls field "
                                 "holding an integer), and this method trains on labels")
@@ -306,7 +314,7 @@ class ShardLoader:
                  mode: str = "finite", samples_per_epoch: int | None = None,
                  shuffle_buffer: int = 1000, num_workers: int = 2, seed: int = 0,
                  rank: int = 0, world_size: int = 1, require_labels: bool = False,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, pin_memory: bool = False) -> None:
         if mode not in ("finite", "resampled"):
             raise ValueError(f"mode must be 'finite' or 'resampled', not {mode!r}")
         if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or num_workers < 0:
@@ -323,7 +331,7 @@ class ShardLoader:
         else:
             per_slot = math.ceil(samples_per_epoch / (slots * batch_size))
             self.repeats_per_epoch = 0  # sampling with replacement: repeats are random
-        self.num_workers = num_workers
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self._stream = _TrainStream(data, batch_size, transform, mode, per_slot, shuffle_buffer,
                                     workers, seed, rank, world_size, require_labels, tokenizer)
 
@@ -337,7 +345,7 @@ class ShardLoader:
         return self._stream.workers * self._stream.batches_per_slot
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        yield from make_loader(self._stream, self.num_workers)
+        yield from make_loader(self._stream, self.num_workers, self.pin_memory)
 
 
 def _leave_signals_to_trainer(worker_id: int) -> None:
@@ -352,7 +360,7 @@ def _leave_signals_to_trainer(worker_id: int) -> None:
 # pipeline once. Forking the training process itself copies the locks its threads (gloo, the
 # rendezvous store, the watchdog, wandb, a previous loader's queue feeders) hold at that instant,
 # and a worker that needs one waits forever: seen as a rank stuck at its final evaluation.
-WORKER_MODULES = ["sslforge.data_pipeline.stream", "sslforge.data_pipeline.eval_stream"]
+WORKER_MODULES = ["sslforge.data_pipeline.stream", "sslforge.data_pipeline.eval_stream", "sslforge.data_pipeline.views"]
 WORKER_TIMEOUT_S = 600  # no batch from the workers for this long: a stuck worker, an error not a hang
 
 
@@ -371,15 +379,16 @@ def start_worker_server() -> None:
     forkserver.ensure_running()
 
 
-def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+def make_loader(stream: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """Batches come collated from the stream, by workers forked from a clean server
     (`start_worker_server`). The DataLoader draws its workers' base seed from a private
     generator: all randomness here is seeded per sample, and the caller's global RNG must not
     advance because data was loaded. Workers that ignore SIGTERM would block multiprocessing's
-    exit hook forever, so this process kills them at exit instead."""
+    exit hook forever, so this process kills them at exit instead. `pin_memory` (CUDA): batches
+    land in page-locked memory, so the copy to the device can overlap the step (non_blocking)."""
     if not num_workers:
-        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(0))
+        return DataLoader(stream, batch_size=None, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
     kill_data_workers_at_exit()
     return DataLoader(stream, batch_size=None, num_workers=num_workers, multiprocessing_context=_worker_context(),
-                      timeout=WORKER_TIMEOUT_S, worker_init_fn=_leave_signals_to_trainer,
+                      timeout=WORKER_TIMEOUT_S, worker_init_fn=_leave_signals_to_trainer, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(0))

@@ -1,16 +1,24 @@
 """Augmented views (SimCLR/BYOL/DINO style) and the evaluation transform, torchvision v2.
 
-The caller decodes an image once; every crop of every view is drawn from that one PIL image.
-Crop, flip, colour jitter, grayscale and RandAugment run on PIL (measured faster than their
-tensor kernels); blur and solarize run on the small uint8 crop, random erasing on the normalised
-one. A view may share another's crop boxes and flips (`ViewConfig.geometry_of`). Ops whose probability is 0 are left
-out, so a view never pays for (or draws random numbers for) an op it cannot apply.
+The caller decodes an image once, no larger than its crops need (`decode_size`: JPEGs decode
+at a reduced DCT scale when even the smallest crop keeps its full resolution); every crop of
+every view is drawn from that one PIL image. Crop, flip, colour jitter, grayscale and
+RandAugment run on PIL (measured faster than their tensor kernels); blur (separable, the same
+kernel as torchvision's) and solarize run on the small uint8 crop. Crops leave the worker as
+uint8, a quarter of float32's bytes; `model_input` turns them into normalised float on the
+accelerator. A view with random erasing (its noise lives in normalised units) is finished in
+the worker and travels as float32. A view may share another's crop boxes and flips
+(`ViewConfig.geometry_of`). Ops whose probability is 0 are left out, so a view never pays for
+(or draws random numbers for) an op it cannot apply.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
+import math
+
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import v2
@@ -25,6 +33,24 @@ def unit_pixels(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
+
+
+# A reduced decode keeps at least this many pixels per output pixel for the resize after it.
+# Pillow's reducing_gap (thumbnail's default, 2.0): with a gap of 2 the two-step result is close to
+# a fair resize; at 1 the DCT scaling and the resize both soften the top octave (measured: ~7%
+# less fine detail at 224 px from a 1/4 decode).
+DECODE_MARGIN = 2.0
+
+
+def model_input(crops: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) crops as the network takes them: uint8 ones become float, scaled to [0, 1]
+    and normalised on their device (after the copy there: a quarter of the bytes); float ones,
+    finished in the worker, pass as they are."""
+    if crops.is_floating_point():
+        return crops
+    mean = torch.tensor(IMAGENET_MEAN, device=crops.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=crops.device).view(1, 3, 1, 1)
+    return crops.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def blur_kernel_size(size: int) -> int:
@@ -55,9 +81,29 @@ def cut(image: Image.Image, geometry: CropGeometry, size: int) -> Image.Image:
     return v2.functional.horizontal_flip(crop) if geometry.flip else crop
 
 
+class SeparableGaussianBlur:
+    """torchvision's GaussianBlur on a uint8 (C, H, W) crop, as two 1-D passes: the same sigma
+    draw (uniform in `sigma`), kernel and reflect padding, so the same pixels up to float
+    rounding, at 2k instead of k^2 multiplications per pixel (23 px kernel at 224: ~10x less)."""
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.kernel_size, self.sigma = kernel_size, sigma
+
+    def __call__(self, crop: torch.Tensor) -> torch.Tensor:
+        sigma = torch.empty(1).uniform_(*self.sigma).item()
+        k = self.kernel_size
+        lim = (k - 1) / (2.0 * math.sqrt(2.0))
+        kernel = torch.softmax(torch.linspace(-lim, lim, k).div(sigma).pow(2).neg(), dim=0)
+        channels = crop.shape[-3]
+        x = F.pad(crop.to(torch.float32).unsqueeze(0), [k // 2] * 4, mode="reflect")
+        x = F.conv2d(x, kernel.view(1, 1, 1, k).expand(channels, 1, 1, k), groups=channels)
+        x = F.conv2d(x, kernel.view(1, 1, k, 1).expand(channels, 1, k, 1), groups=channels)
+        return x.squeeze(0).round_().to(crop.dtype)
+
+
 def _photometric(view: Any) -> v2.Compose:
-    """Everything after the crop: colour ops on PIL, RandAugment, blur/solarize on uint8,
-    normalisation, random erasing on the normalised tensor (as DeiT's and timm's pipelines)."""
+    """Everything after the crop that keeps uint8: colour ops on PIL, RandAugment, then
+    blur/solarize on the uint8 tensor."""
     ops: list[Callable] = []
     if view.jitter_p > 0:
         jitter = v2.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue)
@@ -68,11 +114,16 @@ def _photometric(view: Any) -> v2.Compose:
         ops.append(_randaugment(view.randaugment, view.size))
     ops.append(v2.PILToTensor())
     if view.blur_p > 0:
-        blur = v2.GaussianBlur(blur_kernel_size(view.size), sigma=(0.1, 2.0))
-        ops.append(v2.RandomApply([blur], p=view.blur_p))
+        ops.append(v2.RandomApply([SeparableGaussianBlur(blur_kernel_size(view.size))], p=view.blur_p))
     if view.solarize_p > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=view.solarize_p))  # uint8 here
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(ops)
+
+
+def _finish_in_worker(view: Any) -> v2.Compose:
+    """`model_input`'s normalisation done in the worker, then random erasing on the normalised
+    crop (as DeiT's and timm's pipelines): float32 out."""
+    ops: list[Callable] = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if view.erase_p > 0:
         from timm.data.random_erasing import RandomErasing
 
@@ -123,47 +174,81 @@ def check_views(views: Sequence[Any]) -> None:
 
 
 class MultiViewTransform:
-    """One normalised float tensor per crop, views expanded by their `count`, in order.
+    """One tensor per crop, views expanded by their `count`, in order: uint8 (finished by
+    `model_input` on the accelerator), or float32 for a view with random erasing and for every
+    view when `dtype` is float32 (the whole pipeline in the worker, as before uint8 transport).
 
     Each crop's geometry is drawn (or, for a view with `geometry_of`, taken from the crop of the
     same number in that view), then cut at the view's size, then the view's photometric ops run.
-    A class rather than a closure so it pickles into spawned DataLoader workers.
+    A class rather than a closure so it pickles into the DataLoader workers.
     """
 
-    def __init__(self, views: Sequence[Any]) -> None:
+    def __init__(self, views: Sequence[Any], dtype: torch.dtype = torch.uint8) -> None:
         if not views:
             raise ValueError("at least one view is required")
         if any(v.size is None for v in views):  # load_config sizes those of data.views
             raise ValueError("every view needs a size; a method's own views take data.image_size")
+        if dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f"crops travel as uint8 or float32, not {dtype}")
         check_views(views)
         self.views = list(views)
         self.photometric = [_photometric(v) for v in views]
+        self.finish = [_finish_in_worker(v) if dtype == torch.float32 or v.erase_p > 0 else None for v in views]
+        # the smallest fraction of the image's area any crop of a view may cover
+        self.min_scale = [views[v.geometry_of].scale[0] if v.geometry_of is not None else v.scale[0] for v in views]
+
+    def decode_size(self, width: int, height: int) -> tuple[int, int]:
+        """The smallest (width, height) to decode a width x height image at with every crop still
+        at full resolution: a crop covers at least `min_scale` of the area at an aspect ratio
+        within [3/4, 4/3], so its shorter side is at least sqrt(min_scale * area * 3/4), and that
+        must stay >= `DECODE_MARGIN` x the view's size."""
+        shrink = min(math.sqrt(s * width * height * 3 / 4) / (DECODE_MARGIN * v.size)
+                     for v, s in zip(self.views, self.min_scale))
+        if shrink <= 1:
+            return width, height
+        return math.ceil(width / shrink), math.ceil(height / shrink)
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         geometries: list[list[CropGeometry]] = []
         crops = []
-        for view, photometric in zip(self.views, self.photometric):
+        for view, photometric, finish in zip(self.views, self.photometric, self.finish):
             shared = None if view.geometry_of is None else geometries[view.geometry_of]
             geometries.append([])
             for i in range(view.count):  # each crop's draws in turn: geometry, then photometric
                 geometry = draw_geometry(image, view) if shared is None else shared[i]
                 geometries[-1].append(geometry)
-                crops.append(photometric(cut(image, geometry, view.size)))
+                crop = photometric(cut(image, geometry, view.size))
+                crops.append(crop if finish is None else finish(crop))
         return crops
 
 
-def build_view_transform(views: Sequence[Any]) -> Callable[[Image.Image], list[torch.Tensor]]:
+def build_view_transform(views: Sequence[Any], dtype: torch.dtype = torch.uint8) -> MultiViewTransform:
     """The multi-crop transform for `views` (ViewConfig-like objects)."""
-    return MultiViewTransform(views)
+    return MultiViewTransform(views, dtype)
 
 
-def build_eval_transform(image_size: int) -> v2.Compose:
+class EvalTransform(v2.Compose):
+    """The evaluation transform, and the size it needs an image decoded at."""
+
+    def __init__(self, transforms: Sequence[Callable], resize: int) -> None:
+        super().__init__(list(transforms))
+        self.resize = resize
+
+    def decode_size(self, width: int, height: int) -> tuple[int, int]:
+        """Shorter side at least `DECODE_MARGIN` x the resize target."""
+        shrink = min(width, height) / (DECODE_MARGIN * self.resize)
+        if shrink <= 1:
+            return width, height
+        return math.ceil(width / shrink), math.ceil(height / shrink)
+
+
+def build_eval_transform(image_size: int) -> EvalTransform:
     """Resize (to size/0.875 above 64 px, as for ImageNet) + centre crop + normalise."""
     resize = round(image_size / 0.875) if image_size > 64 else image_size
-    return v2.Compose([
+    return EvalTransform([
         v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(image_size),
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    ], resize)

@@ -53,11 +53,16 @@ def _read(record: bytes) -> tuple[str, bool]:
 
 
 def kill_data_workers() -> None:
-    """SIGKILL and reap this process's daemonic multiprocessing children (the data workers)."""
+    """SIGKILL and reap this process's daemonic multiprocessing children (the data workers), then
+    stop the fork server they came from and wait for it: left alone it notices this process is
+    gone only after it has exited, and would outlive it by a moment."""
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
             child.join(timeout=5)
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()  # no public API; closes its lifeline and reaps it (no-op if never started)
 
 
 _exit_hook_installed = False

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from sslforge import distributed
+from sslforge.data_pipeline.views import model_input
 from sslforge.launcher.env import DistEnv
 from sslforge.launcher.watchdog import PeerLostHook, watch_peers
 from sslforge.methods import build_method
@@ -121,7 +122,7 @@ class Trainer:
             mode=self.cfg.data.mode, samples_per_epoch=self.cfg.data.samples_per_epoch,
             shuffle_buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
             seed=self.cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size,
-            require_labels=method.needs_labels, tokenizer=tokenizer)
+            require_labels=method.needs_labels, tokenizer=tokenizer, pin_memory=self.env.device.type == "cuda")
 
     def _resume(self) -> str | None:
         """Load the checkpoint `resume` names (auto: this run's best loadable one, agreed by every
@@ -147,7 +148,7 @@ class Trainer:
         per updating part); returns (outputs, finite): finite when, on every rank, the losses,
         the running statistics the forwards updated and the gradients are (an overflow can
         happen in the backward)."""
-        batch = {k: [v.to(self.env.device, non_blocking=True) for v in batch[k]] if k == "views"
+        batch = {k: [model_input(v.to(self.env.device, non_blocking=True)) for v in batch[k]] if k == "views"
                  else v.to(self.env.device, non_blocking=True) if k in ("text_ids", "text_mask")
                  else v for k, v in batch.items()}
         outs: dict[str, dict[str, torch.Tensor]] = {}
