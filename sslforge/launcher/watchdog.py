@@ -53,13 +53,17 @@ def _read(record: bytes) -> tuple[str, bool]:
 
 
 def kill_data_workers() -> None:
-    """SIGKILL and reap this process's daemonic multiprocessing children (the data workers), then
-    stop the fork server they came from and wait for it: left alone it notices this process is
-    gone only after it has exited, and would outlive it by a moment."""
+    """SIGKILL and reap this process's daemonic multiprocessing children (the data workers)."""
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
             child.join(timeout=5)
+
+
+def _stop_data_workers() -> None:
+    """At exit: the data workers, then the fork server they came from, waited for (left alone it
+    notices this process is gone only after it has exited, and outlives it by a moment)."""
+    kill_data_workers()
     from multiprocessing import forkserver
 
     forkserver._forkserver._stop()  # no public API; closes its lifeline and reaps it (no-op if never started)
@@ -72,7 +76,7 @@ def kill_data_workers_at_exit() -> None:
     """Registered after multiprocessing's own exit hook (imported with torch), so it runs first."""
     global _exit_hook_installed
     if not _exit_hook_installed:
-        atexit.register(kill_data_workers)
+        atexit.register(_stop_data_workers)
         _exit_hook_installed = True
 
 
