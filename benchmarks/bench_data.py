@@ -22,7 +22,7 @@ from webdataset.tariterators import tarfile_samples
 
 from sslforge.config import ViewConfig
 from sslforge.data_pipeline.shards import expand_shards
-from sslforge.data_pipeline.stream import ShardLoader
+from sslforge.data_pipeline.stream import ShardLoader, start_worker_server
 from sslforge.data_pipeline.synth import write_synthetic
 from sslforge.data_pipeline.views import build_view_transform
 
@@ -49,6 +49,7 @@ def _decode(data: bytes) -> Image.Image:
 
 
 def _loader_rate(shards: list[str], transform: Callable, workers: int, n: int) -> float:
+    """One epoch; the workers' fork server is already up, as in training (`start_worker_server`)."""
     loader = ShardLoader(shards, 32, transform, num_workers=workers, shuffle_buffer=256)
     start = time.perf_counter()
     seen = sum(batch["index"].numel() for batch in loader)
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in a DataLoader worker
+    start_worker_server()
     print(f"{'crop':>5} {'decode/s':>10} {'+2 views/s':>11} {'ratio':>7} "
           f"{'loader/s':>10} {'loader vs decode':>17}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -360,7 +360,10 @@ def _leave_signals_to_trainer(worker_id: int) -> None:
 # pipeline once. Forking the training process itself copies the locks its threads (gloo, the
 # rendezvous store, the watchdog, wandb, a previous loader's queue feeders) hold at that instant,
 # and a worker that needs one waits forever: seen as a rank stuck at its final evaluation.
-WORKER_MODULES = ["sslforge.data_pipeline.stream", "sslforge.data_pipeline.eval_stream", "sslforge.data_pipeline.views"]
+# omegaconf: a rank's main module (sslforge.launcher.worker) imports it, and each worker runs that
+# module again as __mp_main__ when it starts.
+WORKER_MODULES = ["sslforge.data_pipeline.stream", "sslforge.data_pipeline.eval_stream", "sslforge.data_pipeline.views",
+                  "omegaconf"]
 WORKER_TIMEOUT_S = 600  # no batch from the workers for this long: a stuck worker, an error not a hang
 
 
