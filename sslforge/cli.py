@@ -1,4 +1,4 @@
-"""`sslforge train | launch | jobs | data | eval | compare | recipes`.
+"""`sslforge train | launch | jobs | data | eval | export | compare | report | recipes`.
 
 Everything that can be checked before a process starts (config keys and values, shard paths,
 the run directory) is checked here, and reported as one line naming the bad input, exit 2.
@@ -63,9 +63,22 @@ def _parser() -> argparse.ArgumentParser:
     narr.add_argument("--image-size", type=int, default=None,
                       help="resize each image's shorter side to this (default: keep the JPEG bytes as they are)")
 
-    ev = sub.add_parser("eval", help="evaluate a run: kNN of its encoder, robustness and token labels of its "
-                                     "classifier, FID and R-precision of its generator")
+    ev = sub.add_parser("eval", help="evaluate a run: kNN and linear probe of its encoder, robustness, token labels "
+                                     "and test-time adaptation (TSD) of its classifier, FID and R-precision of its "
+                                     "generator")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    lin = ev_sub.add_parser("linear", help="train a linear classifier on a run's frozen encoder (a run of the "
+                                           "`linear` method, local ranks or SLURM); top-1 / top-5 on --val")
+    lin.add_argument("source", help="pretrained run directory or checkpoint directory")
+    lin.add_argument("overrides", nargs="*", help="key=value overrides of the probe's recipe")
+    lin.add_argument("--train", required=True, help="labelled shards the classifier is trained on")
+    lin.add_argument("--val", required=True, help="labelled shards it is scored on")
+    lin.add_argument("--recipe", default="eval/linear_in1k", help="the probe's recipe (default: %(default)s)")
+    lin.add_argument("--out", default=None, help="the probe's run directory (default: RUN/linear_<checkpoint>)")
+    lin.add_argument("--nproc", type=int, default=1, help="local ranks")
+    lin.add_argument("--slurm", action="store_true", help="submit to SLURM (the recipe's slurm section)")
+    lin.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch script, submit nothing")
+    lin.add_argument("--wait", action="store_true", help="with --slurm: block until the job ends")
     knn = ev_sub.add_parser("knn", help="weighted kNN top-1 (faiss)")
     knn.add_argument("source", help="run directory or checkpoint directory")
     knn.add_argument("--train", required=True, help="labelled shards for the feature bank")
@@ -91,6 +104,22 @@ def _parser() -> argparse.ArgumentParser:
     rob.add_argument("--batch-size", type=int, default=256)
     rob.add_argument("--workers", type=int, default=2)
     rob.add_argument("--seed", type=int, default=0, help="fixes the corrupted images")
+    tsd = ev_sub.add_parser("tsd", help="test-time adaptation (TSD, CVPR 2023) of a classifier on an unlabelled "
+                                        "shifted stream, one process; top-1 before and after")
+    tsd.add_argument("source", help="run directory or checkpoint directory (a linear-probe or supervised run)")
+    tsd.add_argument("--data", default=None, help="shards streamed once, in order (default: the run's data.val; "
+                                                  "labels only score)")
+    tsd.add_argument("--corruption", default=None, help="shift the images by this corruption (eval robustness's "
+                                                        "names; default: none)")
+    tsd.add_argument("--severity", type=int, default=3, help="its severity, 1..5")
+    tsd.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate over every parameter")
+    tsd.add_argument("--filter-k", type=int, default=100, help="memory entries kept per class (-1: all)")
+    tsd.add_argument("--lam", type=float, default=0.0, help="weight of the local neighbour term")
+    tsd.add_argument("--norm", choices=["batch", "source"], default="batch",
+                     help="batch norm statistics: each test batch's (the official code's) or the trained ones")
+    tsd.add_argument("--batch-size", type=int, default=128)
+    tsd.add_argument("--workers", type=int, default=2)
+    tsd.add_argument("--seed", type=int, default=0, help="fixes the corrupted images")
     tl = ev_sub.add_parser("token-labels", help="PNG grid of a dense classifier's token label maps and confidences")
     tl.add_argument("source", help="run directory or checkpoint directory (stl_labeler or stl_student)")
     tl.add_argument("--shards", default=None, help="images to draw (default: the run's data.val)")
@@ -123,6 +152,28 @@ def _parser() -> argparse.ArgumentParser:
                      help="override for every variant (repeatable)")
     cmp.add_argument("--nproc", type=int, default=2, help="local ranks per run")
 
+    rep = sub.add_parser("report", help="PNG plots of runs' metrics.jsonl (overlaid), a t-SNE/UMAP of val "
+                                        "embeddings and report.md; to wandb when it is on")
+    rep.add_argument("runs", nargs="+", help="run directories")
+    rep.add_argument("--out", default=None, help="directory for the PNGs and report.md (default: RUN/report; "
+                                                 "required for several runs)")
+    rep.add_argument("--embedding", choices=("tsne", "umap", "none"), default="tsne",
+                     help="projection of the val embeddings (umap needs umap-learn)")
+    rep.add_argument("--samples", type=int, default=2000, help="val samples in the embedding plot")
+    rep.add_argument("--val", default=None, help="labelled shards to embed (default: each run's data.val)")
+    rep.add_argument("--wandb", choices=("auto", "on", "off"), default="auto",
+                     help="log the figures to wandb; auto: when the run logs to wandb (WANDB_MODE overrides)")
+    rep.add_argument("--batch-size", type=int, default=256)
+    rep.add_argument("--workers", type=int, default=2)
+
+    exp = sub.add_parser("export", help="a run's evaluated encoder (and classifier head) as a plain torchvision "
+                                        "or timm state_dict, with export.json: how to load it and its preprocessing")
+    exp.add_argument("source", help="run directory or checkpoint directory")
+    exp.add_argument("out", help="directory for model.pt, model.safetensors and export.json (new or empty)")
+    exp.add_argument("--force", action="store_true", help="write into a non-empty OUT (an earlier export's files "
+                                                          "are replaced)")
+    exp.add_argument("--no-head", action="store_true", help="the encoder alone, even when the run has a classifier")
+
     sub.add_parser("recipes", help="list the recipes")
     return p
 
@@ -154,17 +205,24 @@ def warn_no_effect(cfg, overrides: list[str], command: str) -> None:  # type: ig
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sslforge.launcher.env import launched_rank, under_external_launcher
-    from sslforge.launcher.worker import run_rank
-    from sslforge.resume_guard import check_resume
 
     cfg = load_config(args.recipe, args.overrides)
     if not under_external_launcher() or launched_rank() == 0:
         warn_no_effect(cfg, args.overrides, "train")
-    if args.nproc < 1:
+    return train_config(cfg, args.nproc)
+
+
+def train_config(cfg, nproc: int) -> int:  # type: ignore[no-untyped-def]
+    """Train a loaded config on `nproc` local ranks (or as this rank of a torchrun/srun job)."""
+    from sslforge.launcher.env import launched_rank, under_external_launcher
+    from sslforge.launcher.worker import run_rank
+    from sslforge.resume_guard import check_resume
+
+    if nproc < 1:
         raise UsageError("--nproc must be >= 1")
-    if cfg.optim.batch_size % args.nproc:
+    if cfg.optim.batch_size % nproc:
         raise ConfigError(f"invalid value for 'optim.batch_size': {cfg.optim.batch_size} is not divisible "
-                          f"by --nproc {args.nproc}")
+                          f"by --nproc {nproc}")
     check_resume(cfg)  # before anything is written: the run it resumes must keep its meaning
     preflight(cfg)
     config_path = Path(cfg.run_dir) / "config.yaml"
@@ -173,11 +231,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             save_config(cfg, config_path)
         return run_rank(cfg)
     save_config(cfg, config_path)
-    if args.nproc == 1:
+    if nproc == 1:
         return run_rank(cfg)
     from sslforge.launcher.local import launch_local
 
-    return launch_local(config_path, args.nproc)
+    return launch_local(config_path, nproc)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -222,6 +280,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_robustness(args)
     if args.eval_command in ("fid", "rprecision"):
         return _eval_generated(args)
+    if args.eval_command == "linear":
+        return _eval_linear(args)
+    if args.eval_command == "tsd":
+        from sslforge.eval.tsd import RESULT_FILE, TSDSettings, tsd_from_run
+
+        settings = TSDSettings(lr=args.lr, filter_k=args.filter_k, lam=args.lam, norm=args.norm)
+        result = tsd_from_run(Path(args.source), args.data, args.corruption, args.severity, settings, args.batch_size,
+                              args.workers, args.seed)
+        print(f"wrote {Path(result['run_dir']) / RESULT_FILE}")
+        return 0
     if args.eval_command == "token-labels":
         from sslforge.eval.token_labels import draw_token_labels
 
@@ -235,6 +303,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, workers=args.workers, random_init=args.random_init)
     print(f"knn_top1 {top1:.2f}")
     return 0
+
+
+def _eval_linear(args: argparse.Namespace) -> int:
+    """The probe's config: its recipe, with the pretrained checkpoint, the data, the pretrained
+    run's image size and a run directory beside it filled in unless given; then trained as
+    `train` or `launch` would."""
+    from sslforge.config import load_resolved, parse_overrides
+    from sslforge.eval.run import run_dir_of
+    from sslforge.trainer.checkpoint import load_module_weights
+
+    pretrained = run_dir_of(Path(args.source))
+    checkpoint = load_module_weights(Path(args.source))[1].resolve()  # the one the probe reads, named in its config
+    given = {key for key, _ in parse_overrides(args.overrides)}
+    filled = [f"method.source={checkpoint}", f"data.train={args.train}", f"data.val={args.val}"]
+    if "data.image_size" not in given:
+        filled.append(f"data.image_size={load_resolved(pretrained / 'config.yaml').data.image_size}")
+    if "run_dir" not in given:
+        filled.append(f"run_dir={args.out or pretrained / f'linear_{checkpoint.name}'}")
+    cfg = load_config(args.recipe, [*filled, *args.overrides])
+    warn_no_effect(cfg, args.overrides, "launch" if args.slurm else "train")
+    if args.slurm:
+        from sslforge.launcher import slurm
+
+        return slurm.launch(cfg, dry_run=args.dry_run, wait=args.wait)
+    code = train_config(cfg, args.nproc)
+    from sslforge.launcher.env import launched_rank
+
+    if code == 0 and launched_rank() == 0:
+        from sslforge.eval.linear import final_score
+
+        score = final_score(Path(cfg.run_dir))
+        print(f"linear_top1 {score['val_top1']:.2f} linear_top5 {score['val_top5']:.2f} ({cfg.run_dir})")
+    return code
 
 
 def _eval_robustness(args: argparse.Namespace) -> int:
@@ -283,6 +384,22 @@ def _eval_generated(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sslforge.export import export_run
+
+    out = Path(args.out)
+    meta = export_run(Path(args.source), out, force=args.force, head=not args.no_head)
+    model = meta["model"]
+    head = f"with its {model['num_classes']}-class head" if model["num_classes"] else "encoder only"
+    print(f"exported {meta['method']} step {meta['step']} ({model['backbone']}, {head}) to {out}: "
+          f"{', '.join(meta['weights'].values())}, export.json")
+    if model["small_stem"]:
+        print("note: the small-image stem (model.small_stem) does not fit a stock torchvision ResNet: "
+              "the recipe below replaces conv1 and maxpool before loading")
+    print("load it with:\n" + meta["load_python"], end="")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     for name in list_recipes():
         print(f"{name:28s} {recipe_path(name)}")
@@ -298,8 +415,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sslforge.report import write_report
+
+    if args.out is None and len(args.runs) > 1:
+        raise UsageError("--out is required with several runs")
+    if args.samples < 5:
+        raise UsageError(f"--samples must be >= 5, got {args.samples}")
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
+    report = write_report([Path(r) for r in args.runs], out, args.embedding, args.samples, args.val, args.wandb,
+                          args.batch_size, args.workers)
+    print(report.read_text(), end="")
+    print(f"written: {report} and its figures")
+    return 0
+
+
 COMMANDS = {"compare": cmd_compare, "train": cmd_train, "launch": cmd_launch, "jobs": cmd_jobs, "data": cmd_data,
-            "eval": cmd_eval, "recipes": cmd_recipes}
+            "eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "report": cmd_report}
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

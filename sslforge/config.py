@@ -347,6 +347,9 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> DictConfig:
         for view in cfg.data.views:
             if view.size is None:
                 view.size = cfg.data.image_size
+        from sslforge.methods import method_class
+
+        method_class(cfg.method.name).resolve_config(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None
     validate(cfg)

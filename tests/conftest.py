@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from typing import Iterator
 
 import psutil
@@ -53,19 +54,28 @@ def no_process_outlives_the_test() -> Iterator[None]:
 RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
+@contextmanager
+def rank_variables_kept() -> Iterator[None]:
+    """Code that trains or evaluates in the pytest process itself (one rank, `init_distributed`)
+    sets the rank variables; a later launcher would inherit them (submitit refuses a set
+    MASTER_ADDR, and child ranks would bind the port this process's group listens on). They are
+    put back as they were; the process group stays, and later in-process work reuses it. Every
+    test gets this; a module or session fixture that works in-process uses it itself."""
+    before = {k: os.environ.get(k) for k in RANK_VARIABLES}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def rank_variables_stay_with_the_test() -> Iterator[None]:
-    """A test that trains in the pytest process itself (one rank, `init_distributed`) sets the
-    rank variables; a later test's launcher would inherit them (submitit refuses a set
-    MASTER_ADDR, and child ranks would bind the port this process's group listens on). They go
-    with the test; the process group stays, and later in-process tests reuse it."""
-    before = {k: os.environ.get(k) for k in RANK_VARIABLES}
-    yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with rank_variables_kept():
+        yield
 
 
 def _kill(proc: psutil.Process) -> str:
@@ -85,3 +95,6 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("synth")
     return write_synthetic(str(out), n_train=512, n_val=256, image_size=16, seed=0, max_per_shard=100,
                            captions=True)  # the caption methods read them, the others ignore them
+
+
+from tests.run_fixtures import linear_run, pretrained_run, shapes  # noqa: E402,F401  (session runs, shared)

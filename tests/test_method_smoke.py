@@ -14,7 +14,8 @@ from sslforge.config import list_recipes, load_config
 from sslforge.methods import Method, method_class
 from tests.test_cli import sslforge
 
-SYNTH_PRESETS = [r for r in list_recipes() if r.endswith("_synth") and r != "simclr_synth"]  # SimCLR: test_learning
+# SimCLR: test_learning; the linear probe (`eval/linear_synth`, on a pretrained run): test_linear_probe
+SYNTH_PRESETS = [r for r in list_recipes() if r.endswith("_synth") and r != "simclr_synth" and not r.startswith("eval/")]
 # STL's two stages run end to end, stage 2 on stage 1's run, in tests/test_stl.py.
 SMOKED_HERE = [r for r in SYNTH_PRESETS if not r.startswith("stl_")]
 # Methods with their own evaluation: the score each logs (XMC-GAN scores only with an Inception
@@ -28,7 +29,8 @@ OWN = {"pcl_synth": ["method.clustering_starts_epoch=0"], "hcsc_synth": ["method
 def test_every_method_has_a_cpu_preset() -> None:
     from sslforge.methods import METHODS
 
-    assert {p.removesuffix("_synth") for p in SYNTH_PRESETS} == set(METHODS) - {"simclr"}
+    assert {p.removesuffix("_synth") for p in SYNTH_PRESETS} == set(METHODS) - {"simclr", "linear"}
+    assert "eval/linear_synth" in list_recipes()
 
 
 @pytest.mark.parametrize("preset", SMOKED_HERE)

@@ -267,14 +267,23 @@ def _fresh_labeler() -> Any:
     return tiny_config("unused", *FAN, recipe="stl_labeler_synth")
 
 
+# The linear probe's pretrained encoder: a freshly built SimCLR one (the BN on its features moves).
+PROBE = ["method.source=unused", "method.feature_bn=true"]
+
+
 def test_training_step_changes_only_the_buffers_it_declares() -> None:
     """The method contract a skipped step relies on (methods/base.py): whatever `training_step`
     changes in place is in `forward_buffers()`, so the trainer can put it back."""
     labeler = mock.patch.multiple("sslforge.methods.stl", labeler_config=lambda source: _fresh_labeler(),
                                   load_labeler=lambda source: build_method(_fresh_labeler()).classifier().eval())
+    pretrained = tiny_config("unused")
+    probed = mock.patch.multiple("sslforge.methods.linear_probe", source_config=lambda source: pretrained,
+                                 pretrained_encoder=lambda source: (build_method(pretrained).encoder(), 0))
     for name in METHODS:
-        with labeler:
-            cfg = tiny_config("unused", *(FAN if name in ON_FAN else []), recipe=f"{name}_synth")
+        with labeler, probed:
+            recipe = "eval/linear_synth" if name == "linear" else f"{name}_synth"
+            cfg = tiny_config("unused", *(FAN if name in ON_FAN else []), *(PROBE if name == "linear" else []),
+                              recipe=recipe)
             method = build_method(cfg).train()
         method.scheduled = {key: values[0] for key, values in method.schedules(10, 10).items()}
         declared = {id(b) for b in method.forward_buffers()}

@@ -180,7 +180,7 @@ def _steps_and_evaluation(run_dir: str, val: str) -> dict[str, Any]:
     images = Path(run_dir) / "images"
     images.mkdir(parents=True, exist_ok=True)
     logged: list[tuple[str, Path]] = []
-    out["eval"] = vae.evaluate(EvalContext(vae.cfg, env, 5, 1, images, lambda name, path: logged.append((name, path))))
+    out["eval"] = vae.evaluate(EvalContext(vae.cfg, env, 5, 1, 5, images, lambda name, path: logged.append((name, path))))
     out["logged"] = logged
     return out
 

@@ -42,7 +42,7 @@ def split_eval_transform(image_size: int) -> tuple[v2.Compose, v2.Normalize]:
     return v2.Compose(steps[:-1]), steps[-1]
 
 
-def _label_problem(labels: torch.Tensor, num_classes: int, shards: str) -> str | None:
+def label_problem(labels: torch.Tensor, num_classes: int, shards: str) -> str | None:
     if (labels < 0).any():
         return f"classifier evaluation needs labelled shards (KEY.cls): {shards}"
     if (labels >= num_classes).any():
@@ -66,7 +66,7 @@ def correct_counts(classifier: nn.Module, shards: str, image_size: int, env: Dis
     for batch in eval_batches(expand_shards(shards), to_unit, batch_size, env.rank, env.world_size, workers):
         images, labels = batch["image"].to(env.device), batch["label"].to(env.device)
         logits = classifier(normalize(images))
-        problem = _label_problem(labels, logits.shape[1], shards)
+        problem = label_problem(labels, logits.shape[1], shards)
         if problem:
             break
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -21,7 +21,7 @@ from sslforge.launcher.env import DistEnv
 
 @dataclass
 class DatasetFeatures:
-    """Every readable sample's L2-normalised feature, label (-1 when unlabelled) and global
+    """Every readable sample's feature (L2-normalised unless asked otherwise), label (-1 when unlabelled) and global
     sample index, sorted by index; the same on every rank. A corrupt sample is absent."""
 
     features: torch.Tensor  # (n, d) float32
@@ -31,9 +31,10 @@ class DatasetFeatures:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, shards_spec: str, image_size: int, batch_size: int,
-                     env: DistEnv, num_workers: int) -> DatasetFeatures:
+                     env: DistEnv, num_workers: int, normalize: bool = True) -> DatasetFeatures:
     """Every sample's feature exactly once over all ranks (eval transform, encoder in eval mode,
-    its train/eval mode restored after), gathered onto every rank in index order."""
+    its train/eval mode restored after), gathered onto every rank in index order; L2-normalised
+    (kNN, clustering) unless `normalize` is False (the linear probe's inputs)."""
     from sslforge.data_pipeline.eval_stream import eval_batches
     from sslforge.data_pipeline.shards import expand_shards
     from sslforge.data_pipeline.views import build_eval_transform
@@ -44,7 +45,8 @@ def extract_features(encoder: nn.Module, shards_spec: str, image_size: int, batc
     feats, labels, indices = [], [], []
     for batch in eval_batches(expand_shards(shards_spec), build_eval_transform(image_size), batch_size,
                               env.rank, env.world_size, num_workers):
-        feats.append(F.normalize(encoder(batch["image"].to(env.device)).float(), dim=1).cpu())
+        out = encoder(batch["image"].to(env.device)).float()
+        feats.append((F.normalize(out, dim=1) if normalize else out).cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
     encoder.train(was_training)

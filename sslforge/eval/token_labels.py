@@ -99,7 +99,7 @@ def plot_token_labels(pixels: torch.Tensor, maps: TokenMaps, targets: torch.Tens
     return fig
 
 
-def _class_names(shards: list[str]) -> list[str] | None:
+def class_names(shards: list[str]) -> list[str] | None:
     """Names from the shard directory's classes.json ({name: index}), when there is one."""
     from sslforge.data_pipeline.shards import CLASSES_FILE
 
@@ -120,7 +120,7 @@ def first_images(shards_spec: str, image_size: int, count: int) -> tuple[torch.T
     batch = next(eval_batches(shards, split_eval_transform(image_size)[0], count), None)
     if batch is None:
         raise EvalError(f"no readable images in {shards_spec}")
-    return batch["image"], batch["label"], _class_names(shards)
+    return batch["image"], batch["label"], class_names(shards)
 
 
 def draw_token_labels(source: Path, shards: str | None = None, out: Path | None = None, count: int = 8,

@@ -8,6 +8,7 @@ from sslforge.methods.byol import BYOL
 from sslforge.methods.dino import DINO
 from sslforge.methods.dual_encoder import DualEncoder
 from sslforge.methods.hcsc import HCSC
+from sslforge.methods.linear_probe import LinearProbe
 from sslforge.methods.moco_v2 import MoCoV2
 from sslforge.methods.moco_v3 import MoCoV3
 from sslforge.methods.pcl import PCL
@@ -25,7 +26,8 @@ METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "byol": BYOL, "simsiam": S
                                   "swav": SwAV, "pcl": PCL, "hcsc": HCSC,
                                   "supcon": SupCon, "supervised": Supervised,
                                   "stl_labeler": STLLabeler, "stl_student": STLStudent,
-                                  "dual_encoder": DualEncoder, "vae": VAE, "xmcgan": XMCGAN}
+                                  "dual_encoder": DualEncoder, "vae": VAE, "xmcgan": XMCGAN,
+                                  "linear": LinearProbe}
 
 
 def method_class(name: str) -> type[Method]:

@@ -36,6 +36,9 @@ the trainer knows nothing method-specific and never names a method. Where each n
   rank at each evaluation instead of the kNN / classifier score; returns the scalars to log and
   may write images through the context.
 - Several networks with their own optimisers (GANs): subclass `PartsMethod` below.
+- Training data other than crops (the linear probe's cached features): `training_loader`.
+- Keys taken from elsewhere when the recipe loads (the linear probe's `model`: its pretrained
+  run's): `resolve_config`.
 - Whole-dataset work before an epoch (PCL's and HCSC's k-means): `epoch_features_encoder` names
   the network, the trainer extracts every training sample's feature with it (all ranks in
   parallel, the evaluation transform, each sample once, in sample-index order: the `index` the
@@ -77,6 +80,7 @@ class EvalContext:
     env: Any  # launcher.env.DistEnv: rank, world size, device
     step: int
     epoch: int
+    total_steps: int  # the run's last step: an evaluation at it is the final one
     images_dir: Path  # where image grids go (run_dir/images), created on rank 0
     log_image: Callable[[str, Path], None]  # (metric name, PNG path): into wandb when it is on; rank 0
 
@@ -92,6 +96,11 @@ class Method(nn.Module, metaclass=ABCMeta):
         super().__init__()
         self.cfg = cfg
         self.scheduled: dict[str, float] = {}  # this step's values of `schedules`, set by the trainer
+
+    @classmethod
+    def resolve_config(cls, cfg: DictConfig) -> None:
+        """Keys the method takes from elsewhere, set in place when the recipe is loaded, before
+        the checks (the linear probe: the pretrained run's `model` section). Raise ConfigError."""
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
@@ -161,6 +170,12 @@ class Method(nn.Module, metaclass=ABCMeta):
     def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
         """EMA teacher update, queue push, prototype normalisation, ...: called only after a
         step that updated the parameters, so state changed here is never left half-updated."""
+
+    def training_loader(self, env: Any, local_batch: int) -> Any:
+        """A loader of the method's own (`len`, `set_epoch(epoch, skip_batches)`, iteration over
+        this rank's batches) in place of the shard stream's crops: the linear probe's cached
+        features. None (the default): the shard stream."""
+        return None
 
     def epoch_features_encoder(self, epoch: int) -> nn.Module | None:
         """The network whose features of every training sample the method needs before `epoch`

@@ -89,6 +89,8 @@ class Trainer:
         if env.world_size > 1 and cfg.model.sync_bn:
             method = convert_to_global_bn(method, env.device)
         self.method = method.to(env.device)
+        if loader is None:
+            loader = self.method.training_loader(env, self.local_batch)
         self.loader = loader if loader is not None else self._build_loader()
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
@@ -331,7 +333,7 @@ class Trainer:
         images = self.run_dir / "images"
         if self.env.is_main:
             images.mkdir(parents=True, exist_ok=True)
-        return EvalContext(self.cfg, self.env, self.pos.step, self.pos.epoch, images,
+        return EvalContext(self.cfg, self.env, self.pos.step, self.pos.epoch, self.total_steps, images,
                            lambda name, path: self.monitor.log_image(name, path, self.pos.step))
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
-def _wandb_mode(requested: str) -> str:
+def wandb_mode(requested: str) -> str:
     """`disabled` wins; WANDB_MODE overrides the rest; `online` without credentials falls back
     to offline rather than prompting."""
     if requested == "disabled":
@@ -35,7 +35,7 @@ def _metric_names(record: dict[str, Any]) -> frozenset[str]:
     return frozenset(record) - {"step", "epoch", "time"}
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
     """Records of metrics.jsonl; a line cut short by a crash is dropped."""
     records = []
     for line in path.read_text().splitlines():
@@ -50,7 +50,7 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
 def _rewrite(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
     """Atomically replace metrics.jsonl with the records `keep` accepts; returns them."""
-    kept = [r for r in _read_records(path) if keep(r)]
+    kept = [r for r in read_records(path) if keep(r)]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)
@@ -73,7 +73,7 @@ class Monitor:
         if self.metrics_path.exists():
             kept = _rewrite(self.metrics_path, lambda r: r.get("step") is None or r["step"] <= start_step)
             self.logged_at_start = {_metric_names(r) for r in kept if r.get("step") == start_step}
-        mode = _wandb_mode(cfg.logging.wandb_mode)
+        mode = wandb_mode(cfg.logging.wandb_mode)
         if mode != "disabled":
             import wandb
 
