@@ -10,13 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.process_helpers import (SMALL, kill_groups, latest_step, records, start_launcher, train_args,
+from tests.process_helpers import (ROOT, SMALL, kill_groups, latest_step, records, start_launcher, train_args,
                                    train_steps, wait_for)
 from tests.test_cli import sslforge
 
@@ -70,9 +71,10 @@ def _stop_with(sig: int, to_group: bool, nproc: int, args: list[str], run_dir: P
         sent = time.monotonic()
         code = launcher.wait(timeout=STOP_WITHIN_S)
         took = time.monotonic() - sent
+        outlived = _running(under)  # now: the clean-up below kills whatever is left
     finally:
         kill_groups([launcher])
-    assert not _running(under), f"outlived the launcher: {_running(under)}"
+    assert not outlived, f"outlived the launcher: {outlived}"
     return code, took
 
 
@@ -136,3 +138,24 @@ def test_runs_as_one_rank_under_external_torchrun(synth_data: dict, tmp_path: Pa
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["world_size"] for r in records(run_dir) if "loss" in r] == [2, 2]
+
+
+def test_a_rank_reaps_the_data_workers_fork_server_and_resource_tracker_before_it_exits() -> None:
+    """The exit hook of every rank (and of a one-rank launcher) leaves no helper process behind:
+    seen in CI, the resource tracker outlived a one-rank `sslforge train` stopped by Ctrl-C."""
+    script = textwrap.dedent("""
+        import atexit, psutil
+        from sslforge.data_pipeline.stream import start_worker_server
+        from sslforge.launcher.watchdog import kill_data_workers_at_exit
+        kill_data_workers_at_exit()
+        start_worker_server()
+        helpers = psutil.Process().children()
+        atexit._run_exitfuncs()  # what the interpreter runs on its way out, run now to look after it
+        print([p.cmdline()[-1][:60] for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE])
+        print(len(helpers))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    alive, started = done.stdout.splitlines()
+    assert int(started) == 2  # the tracker and the fork server
+    assert alive == "[]", f"still running after the exit hook: {alive}"

@@ -61,12 +61,16 @@ def kill_data_workers() -> None:
 
 
 def _stop_data_workers() -> None:
-    """At exit: the data workers, then the fork server they came from, waited for (left alone it
-    notices this process is gone only after it has exited, and outlives it by a moment)."""
+    """At exit: the data workers, then the fork server they came from, then the resource tracker
+    the fork server started, each waited for (left alone, the server and the tracker notice this
+    process is gone only after it has exited, and outlive it by a moment)."""
     kill_data_workers()
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
-    forkserver._forkserver._stop()  # no public API; closes its lifeline and reaps it (no-op if never started)
+    # No public API: each closes its lifeline and reaps the process (a no-op if never started).
+    # The tracker last: its pipe reaches EOF only once the server and workers holding it are gone.
+    forkserver._forkserver._stop()
+    resource_tracker._resource_tracker._stop()
 
 
 _exit_hook_installed = False
