@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from sslforge.data_pipeline.shards import imagefolder_to_shards
+from sslforge.data_pipeline.imagefolder import imagefolder_to_shards
 
 SMALL_SHAPES = [(500, 375), (500, 333), (375, 500), (500, 500)]
 LARGE_SIDES = (1024, 1600)  # long side of the large share, uniform in this range
@@ -113,5 +113,6 @@ def write_dataset(root: str, n: int, classes: int = 10, large_share: float = 0.2
             f.write(data)
         encoded.append(data)
         sizes.append((width, height))
-    paths = imagefolder_to_shards(folder, os.path.join(root, "shards"), max_per_shard=-(-n // shards))
+    written = imagefolder_to_shards(folder, os.path.join(root, "shards"), max_per_shard=-(-n // shards))
+    paths = written.splits[0].shards
     return Dataset(folder, paths, encoded, sizes)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from sslforge.config import ConfigError, list_recipes, load_config, recipe_path, save_config
+from sslforge.config import ConfigError, check_buildable, list_recipes, load_config, recipe_path
 from sslforge.config_effects import ineffective_overrides
 
 EXIT_USAGE = 2
@@ -21,45 +21,79 @@ class UsageError(RuntimeError):
     """Bad input detected by the CLI itself."""
 
 
+def _version() -> str:
+    """What bug reports need: the installed distributions' versions, read without importing torch."""
+    from importlib.metadata import version
+
+    return f"sslforge {version('sslforge')} (torch {version('torch')})"
+
+
+PRINT_CONFIG_HELP = "print the resolved config (recipe, overrides, run directory) as YAML and exit; nothing starts"
+BATCH_HELP = "images per forward pass of the frozen network (default: %(default)s)"
+WORKERS_HELP = "data-loading processes (default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslforge", description="Distributed self-supervised pretraining.")
+    p.add_argument("--version", action="version", version=_version(), help="print the sslforge and torch versions")
     sub = p.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a recipe on local ranks (or as one rank under torchrun/srun)")
     train.add_argument("recipe", help="recipe name (see `sslforge recipes`) or YAML path")
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
     train.add_argument("--nproc", type=int, default=1, help="local ranks to start (one process per rank, owned by this command)")
+    train.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
 
     launch = sub.add_parser("launch", help="submit a recipe to SLURM through submitit")
-    launch.add_argument("recipe")
-    launch.add_argument("overrides", nargs="*")
+    launch.add_argument("recipe", help="recipe name (see `sslforge recipes`) or YAML path")
+    launch.add_argument("overrides", nargs="*", help="key=value config overrides (slurm.* among them)")
     launch.add_argument("--slurm", action="store_true", required=True, help="submit to SLURM")
     launch.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     launch.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
+    launch.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
 
     jobs = sub.add_parser("jobs", help="state of a run's SLURM jobs and where their logs are")
-    jobs.add_argument("run_dir")
+    jobs.add_argument("run_dir", help="the run directory (its config.yaml, checkpoints and launch records)")
 
     data = sub.add_parser("data", help="write shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the built-in synthetic shapes dataset")
-    synth.add_argument("out")
+    synth.add_argument("out", help="output directory: OUT/train and OUT/val shards")
     synth.add_argument("--train", type=int, default=10000, help="training samples")
     synth.add_argument("--val", type=int, default=2000, help="validation samples")
-    synth.add_argument("--image-size", type=int, default=32)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: %(default)s)")
+    synth.add_argument("--seed", type=int, default=0, help="fixes every image (default: %(default)s)")
     synth.add_argument("--captions", action="store_true",
                        help="also write KEY.txt: a caption naming the size, colour, shape and position drawn")
-    shards = data_sub.add_parser("shards", help="turn an ImageFolder tree into webdataset shards")
-    shards.add_argument("src")
-    shards.add_argument("out")
-    shards.add_argument("--max-per-shard", type=int, default=10000)
+    shards = data_sub.add_parser("shards", help="turn an ImageFolder tree into webdataset shards, every image "
+                                                "verified (unreadable ones reported and skipped)")
+    shards.add_argument("src", metavar="SRC",
+                        help="ImageFolder root: SRC/CLASS/IMAGE; labels index the class folders sorted by name")
+    shards.add_argument("out", metavar="OUT", help="output directory, new or empty (see --overwrite)")
+    shards.add_argument("--max-per-shard", type=int, default=10000, help="images per shard (default: 10000)")
+    shards.add_argument("--workers", type=int, default=None,
+                        help="processes decoding and verifying images (default: min(8, CPUs)); the shards are "
+                             "the same for any number")
+    shards.add_argument("--resize", type=int, default=None, metavar="N",
+                        help="shrink each image so its shorter side is N px (never enlarged) and re-encode it as "
+                             "JPEG (default: store each file's bytes as they are)")
+    shards.add_argument("--quality", type=int, default=95, help="JPEG quality of images re-encoded by --resize "
+                                                                "(default: 95)")
+    shards.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                        help="hold out this fraction of each class as OUT/val, the rest as OUT/train (default: 0, "
+                             "all shards in OUT)")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the shuffle and of the train/val split")
+    shards.add_argument("--overwrite", action="store_true",
+                        help="replace the shards an earlier run wrote in OUT, once the new ones are complete (OUT "
+                             "holding other files is refused either way)")
+    shards.add_argument("--quiet", action="store_true",
+                        help="no progress bar (there is none when stderr is not a terminal either)")
     narr = data_sub.add_parser("narratives", help="Localized Narratives (JSONL + <image_id>.jpg images) to "
                                                   "captioned shards: KEY.jpg, KEY.txt, KEY.json")
     narr.add_argument("jsonl", help="a Localized Narratives annotation file (one JSON record per line)")
     narr.add_argument("image_dir", help="directory of the images, named <image_id>.jpg")
-    narr.add_argument("out")
-    narr.add_argument("--max-per-shard", type=int, default=10000)
+    narr.add_argument("out", help="output directory for the captioned shards")
+    narr.add_argument("--max-per-shard", type=int, default=10000, help="samples per shard (default: %(default)s)")
     narr.add_argument("--image-size", type=int, default=None,
                       help="resize each image's shorter side to this (default: keep the JPEG bytes as they are)")
 
@@ -83,10 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     knn.add_argument("source", help="run directory or checkpoint directory")
     knn.add_argument("--train", required=True, help="labelled shards for the feature bank")
     knn.add_argument("--val", required=True, help="labelled shards to classify")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--batch-size", type=int, default=256)
-    knn.add_argument("--workers", type=int, default=2)
+    knn.add_argument("--k", type=int, default=20, help="neighbours that vote (default: %(default)s)")
+    knn.add_argument("--temperature", type=float, default=0.07,
+                     help="votes weighted by exp(similarity / T) (default: %(default)s)")
+    knn.add_argument("--batch-size", type=int, default=256, help=BATCH_HELP)
+    knn.add_argument("--workers", type=int, default=2, help=WORKERS_HELP)
     knn.add_argument("--random-init", action="store_true",
                      help="evaluate the run's encoder at its initial (random) weights")
 
@@ -101,8 +136,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="an extra labelled set scored as is, e.g. imagenet-r=/data/in-r (repeatable)")
     rob.add_argument("--baseline", default=None,
                      help="'alexnet' or another run's robustness.json: corruption errors normalised (CE, mCE)")
-    rob.add_argument("--batch-size", type=int, default=256)
-    rob.add_argument("--workers", type=int, default=2)
+    rob.add_argument("--batch-size", type=int, default=256, help=BATCH_HELP)
+    rob.add_argument("--workers", type=int, default=2, help=WORKERS_HELP)
     rob.add_argument("--seed", type=int, default=0, help="fixes the corrupted images")
     tsd = ev_sub.add_parser("tsd", help="test-time adaptation (TSD, CVPR 2023) of a classifier on an unlabelled "
                                         "shifted stream, one process; top-1 before and after")
@@ -117,15 +152,15 @@ def _parser() -> argparse.ArgumentParser:
     tsd.add_argument("--lam", type=float, default=0.0, help="weight of the local neighbour term")
     tsd.add_argument("--norm", choices=["batch", "source"], default="batch",
                      help="batch norm statistics: each test batch's (the official code's) or the trained ones")
-    tsd.add_argument("--batch-size", type=int, default=128)
-    tsd.add_argument("--workers", type=int, default=2)
+    tsd.add_argument("--batch-size", type=int, default=128, help="test images per adaptation step (default: %(default)s)")
+    tsd.add_argument("--workers", type=int, default=2, help=WORKERS_HELP)
     tsd.add_argument("--seed", type=int, default=0, help="fixes the corrupted images")
     tl = ev_sub.add_parser("token-labels", help="PNG grid of a dense classifier's token label maps and confidences")
     tl.add_argument("source", help="run directory or checkpoint directory (stl_labeler or stl_student)")
     tl.add_argument("--shards", default=None, help="images to draw (default: the run's data.val)")
     tl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/token_labels_step<N>.png)")
     tl.add_argument("--count", type=int, default=8, help="images in the grid")
-    tl.add_argument("--dpi", type=int, default=100)
+    tl.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: %(default)s)")
     fid = ev_sub.add_parser("fid", help="FID of a text-to-image run's generator: one image per caption of "
                                         "the real shards, against their images")
     fid.add_argument("source", help="run directory or checkpoint directory (a method that generates from captions)")
@@ -141,8 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", required=True, help="captioned shards whose captions are generated from")
     rp.add_argument("--samples", type=int, default=None, help="captions scored (default: all)")
     for generated in (fid, rp):
-        generated.add_argument("--batch-size", type=int, default=64)
-        generated.add_argument("--workers", type=int, default=2)
+        generated.add_argument("--batch-size", type=int, default=64, help="images generated per batch (default: %(default)s)")
+        generated.add_argument("--workers", type=int, default=2, help=WORKERS_HELP)
         generated.add_argument("--seed", type=int, default=0, help="fixes the noise of each caption's image")
 
     cmp = sub.add_parser("compare", help="train variants on the same data, budget and seed; one table of top-1 and time")
@@ -163,8 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--val", default=None, help="labelled shards to embed (default: each run's data.val)")
     rep.add_argument("--wandb", choices=("auto", "on", "off"), default="auto",
                      help="log the figures to wandb; auto: when the run logs to wandb (WANDB_MODE overrides)")
-    rep.add_argument("--batch-size", type=int, default=256)
-    rep.add_argument("--workers", type=int, default=2)
+    rep.add_argument("--batch-size", type=int, default=256, help=BATCH_HELP)
+    rep.add_argument("--workers", type=int, default=2, help=WORKERS_HELP)
 
     exp = sub.add_parser("export", help="a run's evaluated encoder (and classifier head) as a plain torchvision "
                                         "or timm state_dict, with export.json: how to load it and its preprocessing")
@@ -203,53 +238,82 @@ def warn_no_effect(cfg, overrides: list[str], command: str) -> None:  # type: ig
         print(f"sslforge: warning: {line}", file=sys.stderr)
 
 
+def print_config(cfg) -> int:  # type: ignore[no-untyped-def]
+    """`--print-config`: the config a run would save as its config.yaml, checked, then exit 0."""
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sslforge.launcher.env import launched_rank, under_external_launcher
+    from sslforge.run_dirs import place_run
 
     cfg = load_config(args.recipe, args.overrides)
     if not under_external_launcher() or launched_rank() == 0:
         warn_no_effect(cfg, args.overrides, "train")
+    place_run(cfg, args.overrides)  # run_dir not given: this experiment's own directory
+    if args.print_config:
+        return print_config(cfg)
     return train_config(cfg, args.nproc)
 
 
 def train_config(cfg, nproc: int) -> int:  # type: ignore[no-untyped-def]
     """Train a loaded config on `nproc` local ranks (or as this rank of a torchrun/srun job)."""
     from sslforge.launcher.env import launched_rank, under_external_launcher
+    from sslforge.launcher.local_jobs import LocalLaunch
     from sslforge.launcher.worker import run_rank
-    from sslforge.resume_guard import check_resume
+    from sslforge.resume_guard import check_resume, save_run
 
     if nproc < 1:
         raise UsageError("--nproc must be >= 1")
     if cfg.optim.batch_size % nproc:
         raise ConfigError(f"invalid value for 'optim.batch_size': {cfg.optim.batch_size} is not divisible "
                           f"by --nproc {nproc}")
+    check_buildable(cfg)
     check_resume(cfg)  # before anything is written: the run it resumes must keep its meaning
     preflight(cfg)
-    config_path = Path(cfg.run_dir) / "config.yaml"
     if under_external_launcher():  # this process is one rank of a torchrun/srun job
         if launched_rank() == 0:
-            save_config(cfg, config_path)
+            save_run(cfg)
         return run_rank(cfg)
-    save_config(cfg, config_path)
-    if nproc == 1:
-        return run_rank(cfg)
-    from sslforge.launcher.local import launch_local
+    config_path = save_run(cfg)
+    with LocalLaunch(Path(cfg.run_dir), nproc) as launch:  # recorded for `sslforge jobs`
+        if nproc == 1:
+            launch.exit_status = run_rank(cfg)
+        else:
+            from sslforge.launcher.local import launch_local
 
-    return launch_local(config_path, nproc)
+            launch.exit_status = launch_local(config_path, nproc)
+    return launch.exit_status
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from sslforge.launcher import slurm
+    from sslforge.run_dirs import place_run
 
     cfg = load_config(args.recipe, args.overrides)
     warn_no_effect(cfg, args.overrides, "launch")
+    place_run(cfg, args.overrides)
+    if args.print_config:
+        return print_config(cfg)
     return slurm.launch(cfg, dry_run=args.dry_run, wait=args.wait)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from sslforge.launcher import slurm
+    """A run's SLURM jobs and local launches, with their state and logs, then its progress."""
+    from sslforge.launcher import local_jobs, slurm
 
-    return slurm.status(args.run_dir)
+    root = Path(args.run_dir).absolute()
+    lines = [*slurm.job_lines(root), *local_jobs.launch_lines(root)]
+    if not lines and not (root / "config.yaml").is_file():
+        raise UsageError(f"no SLURM jobs recorded in {root} and no local runs: it is not a run directory "
+                         "(no config.yaml)")
+    print(f"run dir: {root}")
+    print("\n".join(lines or ["no launches recorded (trained before they were recorded, or by torchrun/srun)"]))
+    print("\n".join(local_jobs.progress_lines(root)))
+    return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -268,10 +332,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"wrote {written} narrative(s) in {len(shards)} shard(s) to {args.out}; skipped {skipped} "
               f"whose image is missing or unreadable in {args.image_dir}")
         return 0
-    from sslforge.data_pipeline.shards import imagefolder_to_shards
+    from sslforge.data_pipeline.imagefolder import imagefolder_to_shards
 
-    written = imagefolder_to_shards(args.src, args.out, args.max_per_shard)
-    print(f"wrote {len(written)} shard(s) to {args.out}")
+    report = imagefolder_to_shards(args.src, args.out, args.max_per_shard, workers=args.workers, resize=args.resize,
+                                   quality=args.quality, val_fraction=args.val_fraction, seed=args.seed,
+                                   overwrite=args.overwrite, progress=not args.quiet)
+    print(report.summary())
     return 0
 
 

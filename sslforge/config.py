@@ -16,7 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: in the wheel, and `recipes/` of a checkout
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 class ConfigError(ValueError):
@@ -143,7 +144,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1  # 0 disables periodic kNN
+    every_epochs: int = 1  # evaluate every N epochs and once at the end; 0: never (unless at_end)
+    at_end: Optional[bool] = None  # evaluate the last step; None: when every_epochs > 0
     knn_k: int = 20
     knn_temperature: float = 0.07
     batch_size: int = 256
@@ -214,9 +216,9 @@ _CHOICES = {
 
 
 def recipe_path(recipe: str) -> Path:
-    """A recipe name from `recipes/` or a path to a YAML file."""
+    """A recipe name from the packaged recipes (`sslforge recipes`) or a path to a YAML file."""
     candidate = Path(recipe)
-    if candidate.suffix in (".yaml", ".yml"):
+    if candidate.suffix in YAML_SUFFIXES:
         if not candidate.is_file():
             raise ConfigError(f"recipe file not found: {recipe}")
         return candidate
@@ -227,7 +229,24 @@ def recipe_path(recipe: str) -> Path:
 
 
 def list_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    """The packaged recipes' names; finding none means a broken installation, not an empty list."""
+    names = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    if not names:
+        raise ConfigError(f"no recipes found in {RECIPES_DIR}: the sslforge installation is incomplete; reinstall it")
+    return names
+
+
+def _parent_path(parent: str, child: Path) -> Path:
+    """The file that `inherits: PARENT` in the recipe file `child` names: PARENT (a name, or a
+    path ending in .yaml) beside `child` first, so a user's recipes can build on each other, then
+    the packaged recipe of that name. A file is never its own parent: a copy of
+    `slurm/xmcgan_coco.yaml` that keeps its name still inherits the packaged `xmcgan_coco`."""
+    file = parent if Path(parent).suffix in YAML_SUFFIXES else f"{parent}.yaml"
+    for candidate in (child.parent / file, RECIPES_DIR / file):
+        if candidate.is_file() and candidate.resolve() != child.resolve():
+            return candidate
+    raise ConfigError(f"recipe {child} inherits '{parent}', which is neither a file beside it nor a packaged recipe "
+                      "(see `sslforge recipes`)")
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -263,7 +282,7 @@ def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping")
     parent = raw.pop("inherits", None)
-    below = [] if parent is None else _recipe_layers(recipe_path(str(parent)), seen + (path,))
+    below = [] if parent is None else _recipe_layers(_parent_path(str(parent), path), seen + (path,))
     return [*below, raw]
 
 
@@ -335,15 +354,41 @@ def _apply_overrides(cfg: DictConfig, pairs: list[tuple[str, Any]]) -> None:
     _apply_layer(cfg, apply, lambda i: bool(keys & {"data", "data.views", f"data.views.{i}", f"data.views.{i}.size"}))
 
 
+_VIEW_ITEM = re.compile(r"data\.views\.(\d+)(\.|$)")
+
+
+def _apply_view_items(cfg: DictConfig, pairs: list[tuple[str, Any]]) -> None:
+    """`data.views.N.KEY=VALUE` overrides, applied last: on the views as the recipe and the other
+    overrides left them, or, when the recipe leaves `data.views` to the method, on the method's
+    own views (at the final image size and method options), which then become the run's."""
+    from sslforge.methods import method_class
+
+    if not cfg.data.views:
+        try:
+            cfg.data.views = method_class(cfg.method.name).views(cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    count = len(cfg.data.views)
+    for key, value in pairs:
+        index = int(_VIEW_ITEM.match(key).group(1))  # type: ignore[union-attr]
+        if index >= count:
+            raise ConfigError(f"invalid key '{key}': data.views has {count} view(s), numbered 0 to {count - 1} "
+                              "(a whole list is given as data.views=[{...}, ...])")
+        OmegaConf.update(cfg, key, value, merge=True)
+
+
 def load_config(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     """Recipe + overrides merged onto the typed schema, validated; raises ConfigError."""
     layers = _recipe_layers(recipe_path(recipe))
-    pairs = parse_overrides(overrides or [])
+    pairs = [(dotted_key(key), value) for key, value in parse_overrides(overrides or [])]
+    view_items = [(key, value) for key, value in pairs if _VIEW_ITEM.match(key)]
     cfg = OmegaConf.structured(Config(method=_method_schema(_method_name(layers, pairs))()))
     try:
         for layer in layers:
             _merge_recipe(cfg, layer)
-        _apply_overrides(cfg, pairs)
+        _apply_overrides(cfg, [pair for pair in pairs if pair not in view_items])
+        if view_items:
+            _apply_view_items(cfg, view_items)
         for view in cfg.data.views:
             if view.size is None:
                 view.size = cfg.data.image_size
@@ -358,6 +403,7 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> DictConfig:
 
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
+    key = dotted_key(key) if key else key  # the spelling of the override that set it
     msg = str(exc).splitlines()[0]
     if "not in struct" in str(exc) or "Key '" in msg and "not in" in msg:
         return f"unknown config key '{key}'"
@@ -430,6 +476,28 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def check_buildable(cfg: DictConfig) -> None:
+    """Build the method's networks on the meta device (shapes only: no memory, no initialisation
+    cost), so that what only a constructor can check (a head wider than the backbone's output, a
+    backbone a method cannot use) fails in the launching process, in seconds, before any rank
+    starts. Not part of `load_config`: the ranks build the real networks right away."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from sslforge.methods import build_method
+
+    try:  # quietly: what a constructor says (weights it loads, on meta a no-op) the ranks say again
+        with torch.device("meta"), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            build_method(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.method.name} cannot be built with this config: {exc}") from None
+
+
 def _check_tokenizer(cfg: DictConfig) -> None:
     """A caption method's tokenizer loads (a local directory that is there and holds one)."""
     from sslforge.data_pipeline import DataError
@@ -455,6 +523,13 @@ def _check_part_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for 'optim.parts.{name}.betas': expected two numbers")
         if optim.name == "lars" and cfg.engine.zero_stage > 0:
             raise ConfigError(f"invalid value for 'optim.parts.{name}.name': LARS needs engine.zero_stage=0")
+
+
+def evaluates_at_end(cfg: DictConfig) -> bool:
+    """Whether a run evaluates its last step: `eval.at_end`, which by default follows
+    `eval.every_epochs` (a run evaluated during training is evaluated once more at its end, when
+    its last step is not an epoch's evaluation already; `every_epochs=0` turns evaluation off)."""
+    return cfg.eval.every_epochs > 0 if cfg.eval.at_end is None else bool(cfg.eval.at_end)
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -38,6 +38,8 @@ _NO_EFFECT = (
     # eval.every_epochs=0 beside data.val=null is how the probe is turned off: no warning
     _NoEffect(("eval.every_epochs",), lambda c, _: not c.data.val and c.eval.every_epochs != 0,
               "kNN evaluation needs data.val, which is not set"),
+    _NoEffect(("eval.at_end",), lambda c, _: not c.data.val and bool(c.eval.at_end),
+              "kNN evaluation needs data.val, which is not set"),
     _NoEffect(("train.epochs",), lambda c, _: c.train.steps is not None,
               "train.steps={cfg.train.steps} sets the run's length"),
     _NoEffect(("train.max_nonfinite_steps",), lambda c, _: c.train.on_nonfinite == "stop",

@@ -15,16 +15,25 @@ the saved `config.yaml` of the run it would resume, key by key, and every key is
   is then no longer bit-identical to an uninterrupted one.
 
 A key or section is looked up by its longest listed prefix (`method` covers every method key).
+The training data is compared by its shards (`shard_fingerprint`: their names and sizes, saved
+beside the config as `SHARDS_FILE`), not by the path alone: shards rewritten in place are other
+data, and a copy elsewhere is the same.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sslforge.config import ConfigError, load_resolved
+from sslforge.config import ConfigError, load_resolved, save_config
+
+SHARDS_FILE = "train_shards.json"  # the fingerprint of the run's training shards, beside config.yaml
 
 NEVER = frozenset({
     "method",  # the method's networks, loss and state
@@ -96,7 +105,7 @@ def changed_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
     return [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
 
 
-def _has_checkpoints(run_dir: Path) -> str | None:
+def checkpoint_tag(run_dir: Path) -> str | None:
     """The checkpoint `resume=auto` would start from in `run_dir` (its tag), or None."""
     from sslforge.trainer.checkpoint import find_checkpoints
 
@@ -113,7 +122,7 @@ def resumed_run(cfg: DictConfig) -> tuple[Path, str] | None:
     and `keep_last` would prune theirs."""
     run_dir = Path(cfg.run_dir)
     if cfg.resume in ("auto", "none"):
-        tag = _has_checkpoints(run_dir)
+        tag = checkpoint_tag(run_dir)
         if tag and cfg.resume == "none":
             raise ResumeConflict(f"run_dir {run_dir} already holds checkpoints ({tag}); resume=none would "
                                  "train from scratch over them: use a new run_dir, or resume=auto to continue "
@@ -148,35 +157,132 @@ def _check_allowed(cfg: DictConfig, keys: dict[str, Any]) -> set[str]:
 
 
 def _show(value: Any) -> str:
+    """A value for a one-line message: text whole (a path must be recognisable), others (view
+    lists) cut at 40 characters."""
     text = "null" if value is None else str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if isinstance(value, str) or len(text) <= 40 else text[:37] + "..."
+
+
+# ------------------------------------------------------------------ the training data itself
+
+
+def shard_fingerprint(spec: str) -> dict[str, Any] | None:
+    """Number, total bytes and a digest of the names and sizes of the shards `spec` names, or
+    None when they cannot be listed here. The same path can name other data (shards rewritten
+    in place), and other paths the same data (a copy, `./A` for `A`): the shards decide."""
+    from sslforge.data_pipeline import DataError
+    from sslforge.data_pipeline.shards import expand_shards
+
+    try:
+        paths = expand_shards(spec)
+        sizes = [os.path.getsize(p) for p in paths]
+    except (DataError, OSError):
+        return None
+    digest = hashlib.sha256("".join(f"{os.path.basename(p)}\t{n}\n" for p, n in zip(paths, sizes)).encode())
+    return {"shards": len(paths), "bytes": sum(sizes), "digest": digest.hexdigest()[:16]}
+
+
+def _saved_shards(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / SHARDS_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # a run from before the fingerprint, or no run: the path alone is compared
+
+
+def _shards_text(fp: dict[str, Any]) -> str:
+    return f"{fp['shards']} shard(s), {fp['bytes']:,} bytes"
+
+
+def save_run(cfg: DictConfig) -> Path:
+    """Write the run's `config.yaml` and the fingerprint of its training shards (`SHARDS_FILE`),
+    which a later resume is compared with; returns the config's path."""
+    run_dir = Path(cfg.run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    fingerprint = shard_fingerprint(cfg.data.train)
+    if fingerprint is None:  # not listable here: a stale fingerprint must not speak for this data
+        (run_dir / SHARDS_FILE).unlink(missing_ok=True)
+    else:
+        tmp = run_dir / f".{SHARDS_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"data.train": cfg.data.train, **fingerprint}, indent=1) + "\n")
+        tmp.replace(run_dir / SHARDS_FILE)
+    return run_dir / "config.yaml"
+
+
+# ------------------------------------------------------------------ comparing
+
+
+@dataclass(frozen=True)
+class Differences:
+    """What stands between a config and resuming a saved run: changes never allowed, and
+    changes of course not named in `allow_changes` (key, text)."""
+    never: list[str]
+    consent: list[tuple[str, str]]
+
+    def __bool__(self) -> bool:
+        return bool(self.never or self.consent)
+
+    def keys(self) -> str:
+        """The differences in short, for one line: `data.train A -> B, train.epochs 4 -> 8`."""
+        return ", ".join([*self.never, *(text for _, text in self.consent)])
+
+    def describe(self) -> str:
+        parts = []
+        if self.never:
+            parts.append(f"{', '.join(self.never)} would change what the checkpoint means (never allowed)")
+        if self.consent:
+            parts.append(f"{', '.join(text for _, text in self.consent)} would change the run's course "
+                         f"(allowed with {self.allow_changes()})")
+        return "; ".join(parts)
+
+    def allow_changes(self) -> str:
+        return f"allow_changes=[{','.join(k for k, _ in self.consent)}]"
+
+
+def differences(run_dir: Path, cfg: DictConfig) -> Differences:
+    """How `cfg` differs from the config saved in `run_dir` in the keys a resume compares; the
+    training data by its shards when both sides can list them, else by `data.train`."""
+    new = OmegaConf.to_container(cfg, resolve=True)
+    allowed = _check_allowed(cfg, flatten(new))
+    saved = OmegaConf.to_container(load_resolved(run_dir / "config.yaml"), resolve=True)
+    changes = [(k, a, b, key_class(k)) for k, a, b in changed_keys(saved, new)]  # type: ignore[arg-type]
+    never: list[str] = []
+    before, now = _saved_shards(run_dir), shard_fingerprint(cfg.data.train)
+    if before is not None and now is not None:
+        changes = [c for c in changes if c[0] != "data.train"]
+        if before.get("digest") != now["digest"]:
+            path = _show(cfg.data.train)
+            if before.get("data.train") != cfg.data.train:
+                path = f"{_show(before.get('data.train'))} -> {path}"
+            never.append(f"data.train {path} (other shards: {_shards_text(before)} -> {_shards_text(now)})")
+    never += [f"{k} {_show(a)} -> {_show(b)}" for k, a, b, c in changes if c == "never"]
+    consent = [(k, f"{k} {_show(a)} -> {_show(b)}") for k, a, b, c in changes if c == "consent" and k not in allowed]
+    return Differences(never, consent)
 
 
 def check_resume(cfg: DictConfig) -> None:
-    """Raise ResumeConflict (one line naming every offending key as saved -> new) when `cfg`
-    would resume a run with a NEVER key changed, or a CONSENT key not in `allow_changes`.
+    """Raise ResumeConflict (one line naming every offending key as saved -> new, and the ways
+    out) when `cfg` would resume a run with a NEVER key changed, or a CONSENT key not in
+    `allow_changes`; and when a local `sslforge train` is still training that run directory.
     Reads only: call it before writing anything."""
-    new = OmegaConf.to_container(cfg, resolve=True)
-    allowed = _check_allowed(cfg, flatten(new))
+    from sslforge.launcher.local_jobs import refuse_if_running
+
+    _check_allowed(cfg, flatten(OmegaConf.to_container(cfg, resolve=True)))
+    refuse_if_running(Path(cfg.run_dir))
     resumed = resumed_run(cfg)
     if resumed is None:
         return
     run_dir, tag = resumed
-    saved = OmegaConf.to_container(load_resolved(run_dir / "config.yaml"), resolve=True)
-    changes = [(k, a, b, key_class(k)) for k, a, b in changed_keys(saved, new)]  # type: ignore[arg-type]
-    never = [f"{k} {_show(a)} -> {_show(b)}" for k, a, b, c in changes if c == "never"]
-    consent = [(k, f"{k} {_show(a)} -> {_show(b)}") for k, a, b, c in changes if c == "consent" and k not in allowed]
-    if not never and not consent:
+    found = differences(run_dir, cfg)
+    if not found:
         return
-    parts = []
-    if never:
-        parts.append(f"{', '.join(never)} would change what the checkpoint means (never allowed)")
-    if consent:
-        keys = ",".join(k for k, _ in consent)
-        parts.append(f"{', '.join(text for _, text in consent)} would change the run's course "
-                     f"(allowed with allow_changes=[{keys}])")
-    raise ResumeConflict(f"cannot resume {run_dir} ({tag}) with a changed config: {'; '.join(parts)}; "
-                         f"keep the values saved in {run_dir / 'config.yaml'}, or start a new run_dir")
+    if cfg.resume == "auto":
+        anew = ("to start anew, give another run_dir (or leave run_dir out: a run whose config differs "
+                "from the saved one then gets a directory of its own)")
+    else:
+        anew = f"to start anew, leave out resume={cfg.resume}"
+    raise ResumeConflict(f"cannot resume {run_dir} ({tag}) with a changed config: {found.describe()}; "
+                         f"to resume it, keep the values saved in {run_dir / 'config.yaml'}; {anew}")
 
 
-__all__ = ["CLASSES", "ResumeConflict", "changed_keys", "check_resume", "flatten", "key_class", "resumed_run"]
+__all__ = ["CLASSES", "SHARDS_FILE", "Differences", "ResumeConflict", "changed_keys", "check_resume", "checkpoint_tag",
+           "differences", "flatten", "key_class", "resumed_run", "save_run", "shard_fingerprint"]

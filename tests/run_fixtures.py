@@ -26,7 +26,7 @@ def pretrained_run(tmp_path_factory: pytest.TempPathFactory, shapes: dict[str, s
 
     run_dir = tmp_path_factory.mktemp("pretrained") / "simclr"
     trained = sslforge("train", "simclr_synth", f"data.train={shapes['train']}", f"data.val={shapes['val']}",
-                       f"run_dir={run_dir}", f"train.steps={PRETRAIN_STEPS}", "eval.every_epochs=0",
+                       f"run_dir={run_dir}", f"train.steps={PRETRAIN_STEPS}", "eval.every_epochs=0", "eval.at_end=true",
                        "logging.progress=false", "--nproc", "2", timeout=900)
     assert trained.returncode == 0, trained.stderr[-3000:]
     return run_dir

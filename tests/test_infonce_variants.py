@@ -102,7 +102,8 @@ def _two_views():  # type: ignore[no-untyped-def]
 def test_compare_trains_variants_on_one_budget_and_writes_its_table(tmp_path: Path, synth_data: dict) -> None:
     out = tmp_path / "cmp"
     shared = ["--set", f"data.train={synth_data['train']}", "--set", f"data.val={synth_data['val']}",
-              "--set", "train.steps=2", "--set", "logging.progress=false", "--set", "eval.every_epochs=0"]
+              "--set", "train.steps=2", "--set", "logging.progress=false", "--set", "eval.every_epochs=0",
+              "--set", "eval.at_end=true"]
     result = subprocess.run([sys.executable, "-m", "sslforge.cli", "compare", "simclr_synth",
                              "dcl=simclr_synth:method.loss=dcl", "--out", str(out), "--nproc", "1", *shared],
                             capture_output=True, text=True, timeout=600)

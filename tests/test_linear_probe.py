@@ -52,7 +52,7 @@ def test_cached_batches_split_over_ranks_are_the_single_rank_batches() -> None:
 def _probe(pretrained: Path, data: dict, out: Path, *overrides: str) -> Path:
     done = sslforge("eval", "linear", str(pretrained), "--train", data["train"], "--val", data["val"],
                     "--recipe", "eval/linear_synth", "--out", str(out), "logging.progress=false",
-                    "optim.batch_size=512", "train.epochs=4", "eval.every_epochs=0", *overrides, timeout=300)
+                    "optim.batch_size=512", "train.epochs=4", "eval.every_epochs=0", "eval.at_end=true", *overrides, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 

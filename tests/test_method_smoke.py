@@ -37,7 +37,7 @@ def test_every_method_has_a_cpu_preset() -> None:
 def test_preset_trains_two_ranks_end_to_end(preset: str, synth_data: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = sslforge("train", preset, f"data.train={synth_data['train']}", f"data.val={synth_data['val']}",
-                      f"run_dir={run_dir}", "train.steps=3", "train.log_every_steps=1", "eval.every_epochs=0",
+                      f"run_dir={run_dir}", "train.steps=3", "train.log_every_steps=1", "eval.every_epochs=0", "eval.at_end=true",
                       "logging.progress=false", *OWN.get(preset, []), "--nproc", "2", timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -74,6 +74,8 @@ def test_changed_batch_or_backbone_is_refused_before_anything_is_written(run: Pa
         line = _one_error_line(result.stderr)
         assert f"cannot resume {run} (step_00000002)" in line
         assert all(text in line for text in named), line
+        assert f"to resume it, keep the values saved in {run / 'config.yaml'}; to start anew, give another " \
+               "run_dir" in line  # both ways out
         assert _snapshot(run) == before  # config.yaml, checkpoints, metrics: not a byte changed
     knn = sslforge("eval", "knn", str(run), "--train", synth_data["train"], "--val", synth_data["val"],
                    "--workers", "0")

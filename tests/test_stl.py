@@ -212,7 +212,7 @@ def test_stage_one_then_stage_two_train_end_to_end(synth_data: dict, tmp_path: P
     from tests.test_cli import sslforge
 
     common = [f"data.train={synth_data['train']}", f"data.val={synth_data['val']}", "train.steps=2",
-              "train.log_every_steps=1", "eval.every_epochs=0", "logging.progress=false", "model.depth=2"]
+              "train.log_every_steps=1", "eval.every_epochs=0", "eval.at_end=true", "logging.progress=false", "model.depth=2"]
     labeler, student = tmp_path / "labeler", tmp_path / "student"
     for preset, run_dir, own in (("stl_labeler_synth", labeler, []),
                                  ("stl_student_synth", student, [f"method.labeler={labeler}"])):

@@ -13,7 +13,7 @@ class DataError(RuntimeError):
 # error handling) must not pay for importing torchvision, webdataset and PIL.
 _EXPORTS = {
     "expand_shards": "shards", "shard_sizes": "shards", "write_shards": "shards",
-    "imagefolder_to_shards": "shards", "ShardLoader": "stream", "eval_batches": "eval_stream",
+    "imagefolder_to_shards": "imagefolder", "ShardLoader": "stream", "eval_batches": "eval_stream",
     "build_view_transform": "views", "build_eval_transform": "views",
     "write_synthetic": "synth",
 }

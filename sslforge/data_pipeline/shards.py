@@ -1,5 +1,7 @@
 """Webdataset shards: expanding specs to paths, counting samples, writing shards.
 
+An ImageFolder tree becomes shards in `imagefolder.py`, which writes them through `write_shards`.
+
 Shards follow the img2dataset layout (`KEY.jpg|png|webp`, optional `KEY.cls`, `KEY.txt`,
 `KEY.json`). Sample counts come from `sizes.json` (OpenCLIP convention) when present, because
 reading every tar header of a large dataset at start-up is slow.
@@ -10,7 +12,6 @@ import glob
 import json
 import logging
 import os
-import random
 import re
 import tarfile
 from collections import Counter
@@ -121,7 +122,8 @@ def _read_sizes(directory: str) -> dict[str, int]:
     return sizes
 
 
-def _write_json(path: str, obj: object) -> None:
+def write_json(path: str, obj: object) -> None:
+    """`obj` as `path`, atomically: a reader never sees half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
@@ -129,14 +131,16 @@ def _write_json(path: str, obj: object) -> None:
 
 
 def write_shards(samples: Iterable[dict], out_dir: str, prefix: str = "shard",
-                 max_per_shard: int = 10000) -> list[str]:
-    """Write webdataset-layout sample dicts to `{prefix}-{i:06d}.tar`; updates `sizes.json`."""
+                 max_per_shard: int = 10000, mtime: float | None = None) -> list[str]:
+    """Write webdataset-layout sample dicts to `{prefix}-{i:06d}.tar`; updates `sizes.json`.
+    Members are stamped with `mtime` (default: when written); a fixed one makes the same
+    samples give byte-identical shards."""
     if max_per_shard <= 0:
         raise ValueError("max_per_shard must be > 0")
     os.makedirs(out_dir, exist_ok=True)
     pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
     counts: Counter[str] = Counter()
-    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0) as writer:
+    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0, mtime=mtime) as writer:
         for sample in samples:
             writer.write(sample)
             counts[writer.fname] += 1
@@ -146,42 +150,5 @@ def write_shards(samples: Iterable[dict], out_dir: str, prefix: str = "shard",
         raise DataError(f"no samples to write to {out_dir}")
     sizes = _read_sizes(out_dir)
     sizes.update({os.path.basename(p): n for p, n in counts.items()})
-    _write_json(os.path.join(out_dir, SIZES_FILE), sizes)
-    return paths
-
-
-def imagefolder_to_shards(src: str, out: str, max_per_shard: int) -> list[str]:
-    """An ImageFolder tree (sorted class dirs -> labels) to shards, keeping encoded bytes.
-
-    Files are written in a fixed shuffled order so each shard mixes classes and a small
-    shuffle buffer is enough when streaming.
-    """
-    if not os.path.isdir(src):
-        raise DataError(f"image folder not found: {src}")
-    classes = sorted(d.name for d in os.scandir(src) if d.is_dir())
-    files, ignored = [], 0
-    for label, name in enumerate(classes):
-        for root, _, names in sorted(os.walk(os.path.join(src, name))):
-            for fname in sorted(names):
-                ext = fname.rsplit(".", 1)[-1].lower() if "." in fname else ""
-                if ext in IMAGE_EXTS:
-                    ext = "jpg" if ext == "jpeg" else ext
-                    files.append((os.path.join(root, fname), ext, label))
-                else:
-                    ignored += 1
-    if not files:
-        raise DataError(f"no images (.jpg/.jpeg/.png/.webp) in class folders of {src}")
-    if ignored:
-        log.warning("imagefolder_to_shards: ignored %d non-image files under %s", ignored, src)
-    random.Random(0).shuffle(files)
-
-    def samples() -> Iterable[dict]:
-        for i, (path, ext, label) in enumerate(files):
-            with open(path, "rb") as f:
-                data = f.read()
-            meta = {"path": os.path.relpath(path, src), "class": classes[label]}
-            yield {"__key__": f"{i:09d}", ext: data, "cls": label, "json": meta}
-
-    paths = write_shards(samples(), out, max_per_shard=max_per_shard)
-    _write_json(os.path.join(out, CLASSES_FILE), {name: i for i, name in enumerate(classes)})
+    write_json(os.path.join(out_dir, SIZES_FILE), sizes)
     return paths

@@ -66,6 +66,7 @@ def _skip_cpu_shm_extension() -> None:
     ~/.cache/torch_extensions, and impossible on a node without a compiler. Only DeepSpeed's
     inference all-reduce uses it; training collectives go through torch.distributed (gloo), so
     it is marked unavailable (DeepSpeed's own switch: the op table it consults before building)."""
+    import sslforge.deepspeed_accelerator  # noqa: F401  (before deepspeed: picks its accelerator)
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -73,6 +74,7 @@ def _skip_cpu_shm_extension() -> None:
 
 def init_distributed(backend: str = "auto", timeout_min: int = 60) -> DistEnv:
     """Initialise the process group (through DeepSpeed, which the engine needs) for this rank."""
+    import sslforge.deepspeed_accelerator  # noqa: F401  (before deepspeed: picks its accelerator)
     import deepspeed
     import torch.distributed as dist
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 from sslforge.launcher.env import free_port
+from sslforge.launcher.local_jobs import describe_status
 from sslforge.launcher.watchdog import LAUNCHER_PID_VAR
 from sslforge.launcher.worker import EXIT_PREEMPTED
 
@@ -45,12 +46,6 @@ def _say(message: str) -> None:
 def _exit_status(returncode: int) -> int:
     """A shell's view of a child's status: 128 + N when signal N killed it."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def _describe(status: int) -> str:
-    if status > 128 and status - 128 in signal.valid_signals():
-        return f"killed by {signal.Signals(status - 128).name}"
-    return f"exit {status}"
 
 
 def _start_rank(config_path: Path, rank: int, nproc: int, port: int) -> subprocess.Popen:
@@ -101,7 +96,7 @@ class _Ranks:
             self.status[rank] = status = _exit_status(proc.wait())
             if status not in (0, EXIT_PREEMPTED) and self.failed is None:
                 self.failed = (rank, status, time.monotonic())
-                _say(f"error: rank {rank} exited ({_describe(status)}); stopping the other ranks")
+                _say(f"error: rank {rank} exited ({describe_status(status)}); stopping the other ranks")
 
     def send(self, sig: int) -> None:
         for proc in self.running():

@@ -4,7 +4,8 @@ Everything that would make a job fail after hours in the queue is checked here f
 present, partition known, time limit longer than the checkpoint signal's delay, run directory
 writable, batch divisible by the ranks) and reported as one `SlurmError` line. The job itself is
 `slurm_job.SlurmTrainTask`; the run directory keeps the resolved config, `jobs.json` (every job
-submitted for the run) and submitit's per-task logs under `slurm/JOB_ID/`.
+submitted for the run) and submitit's per-task logs under `slurm/JOB_ID/`. `sslforge jobs`
+prints the jobs (`job_lines`) beside the run's local launches (`local_jobs`).
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sslforge.config import save_config
+from sslforge.config import check_buildable
 from sslforge.launcher import slurm_state
-from sslforge.resume_guard import check_resume
+from sslforge.resume_guard import check_resume, save_run
 
 # SLURM checks signal times about once a minute, so `--signal=USR2@D` may come up to 60 s late
 # or early; the job must run at least this much longer than the delay to get its signal at all.
@@ -216,6 +217,7 @@ def launch(cfg: DictConfig, *, dry_run: bool = False, wait: bool = False) -> int
     run_dir = Path(cfg.run_dir)
     folder = run_dir / "slurm" / "%j"
     _check_config(cfg)
+    check_buildable(cfg)
     check_resume(cfg)  # before anything is written, dry run included
     params = sbatch_parameters(cfg)
     if dry_run:
@@ -229,8 +231,7 @@ def launch(cfg: DictConfig, *, dry_run: bool = False, wait: bool = False) -> int
     _check_data(cfg)
     _check_no_live_job(run_dir)
 
-    config_path = run_dir / "config.yaml"
-    save_config(cfg, config_path)
+    config_path = save_run(cfg)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.slurm.max_requeues)
     executor.update_parameters(**params)
     try:
@@ -264,15 +265,11 @@ def _report(state: slurm_state.JobState) -> None:
           file=sys.stderr, flush=True)
 
 
-def status(run_dir: str) -> int:
-    """Print the state and log files of every job launched for `run_dir`, and its progress."""
-    root = Path(run_dir).absolute()
-    jobs = _recorded_jobs(root)
-    if not jobs:
-        raise SlurmError(f"no SLURM jobs recorded in {root} (no {JOBS_FILE}); launch one with "
-                         "`sslforge launch RECIPE --slurm`")
-    print(f"run dir: {root}")
-    for entry in jobs:
+def job_lines(root: Path) -> list[str]:
+    """What `sslforge jobs` prints for the SLURM jobs launched for the run at `root`: each job's
+    state and where its logs are."""
+    lines = []
+    for entry in _recorded_jobs(root):
         state = slurm_state.job_state(entry["job_id"])
         line = f"job {state.job_id}  {state.state:<10} submitted {entry['submitted']}  tasks {entry['tasks']}"
         if state.restarts:
@@ -281,9 +278,6 @@ def status(run_dir: str) -> int:
             line += f"  exit {state.exit_code}:{state.signal}"
         elif state.reason not in ("", "None"):
             line += f"  reason {state.reason}"
-        print(line)
         out0, err0 = _log_paths(entry["folder"], state.job_id, 0)
-        print(f"  logs: {out0.parent}/  (rank 0: {out0.name}, {err0.name})")
-    latest = root / "checkpoints" / "latest"
-    print(f"latest checkpoint: {latest.read_text().strip() if latest.is_file() else 'none yet'}")
-    return 0
+        lines += [line, f"  logs: {out0.parent}/  (rank 0: {out0.name}, {err0.name})"]
+    return lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import sslforge.deepspeed_accelerator  # noqa: F401  (before deepspeed: picks its accelerator)
 import deepspeed
 import torch
 import torch.nn as nn

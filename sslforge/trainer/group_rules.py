@@ -38,6 +38,22 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     return int(round(epochs * steps_per_epoch))
 
 
+def warmup_warnings(cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> list[str]:
+    """A warm-up as long as the run or longer (a short test run of a full recipe, a small
+    dataset): the learning rate never reaches its peak and the cosine never starts. One line
+    for `optim` and one per part that sets its own warm-up."""
+    given = [("optim.warmup_epochs", cfg.optim.warmup_epochs)]
+    given += [(f"optim.parts.{name}.warmup_epochs", part.warmup_epochs)
+              for name, part in cfg.optim.get("parts", {}).items() if part.warmup_epochs is not None]
+    lines = []
+    for key, epochs in given:
+        warmup = epochs_to_steps(epochs, steps_per_epoch)
+        if warmup >= total_steps > 0 and epochs > 0:
+            lines.append(f"{key}={epochs:g} is {warmup} steps ({steps_per_epoch} per epoch), and the run has "
+                         f"{total_steps}: the learning rate never reaches its peak; lower {key} or train longer")
+    return lines
+
+
 class GroupRules:
     """Learning rate and weight decay per step, and the steps each group stays frozen."""
 

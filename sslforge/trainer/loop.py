@@ -8,6 +8,7 @@ together, since one rank leaving alone would hang the others in the next collect
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from sslforge import distributed
+from sslforge.config import evaluates_at_end
 from sslforge.data_pipeline.views import model_input
 from sslforge.launcher.env import DistEnv
 from sslforge.launcher.watchdog import PeerLostHook, watch_peers
@@ -26,7 +28,7 @@ from sslforge.methods.base import EvalContext, PartsMethod
 from sslforge.models.norm import convert_to_global_bn
 from sslforge.trainer import preemption
 from sslforge.trainer.checkpoint import CheckpointManager
-from sslforge.trainer.group_rules import clip_per_parameter, method_schedules
+from sslforge.trainer.group_rules import clip_per_parameter, method_schedules, warmup_warnings
 from sslforge.trainer.monitor import Monitor
 from sslforge.trainer.nonfinite import (BufferSnapshot, all_finite, grads_finite, nonfinite_tensors,
                                         refusal_message, skipped_summary)
@@ -94,6 +96,9 @@ class Trainer:
         self.loader = loader if loader is not None else self._build_loader()
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
+        if env.is_main:
+            for line in warmup_warnings(cfg, self.total_steps, self.steps_per_epoch):
+                print(f"sslforge: warning: {line}", file=sys.stderr, flush=True)
         self.schedules = method_schedules(self.method.schedules(self.total_steps, self.steps_per_epoch),
                                           self.total_steps)
         engines = PartEngines if isinstance(self.method, PartsMethod) else MethodEngine
@@ -247,7 +252,7 @@ class Trainer:
                         last_eval = pos.step
             if last_ckpt != pos.step:
                 self.save()
-            if last_eval != pos.step:
+            if last_eval != pos.step and evaluates_at_end(cfg):
                 self.evaluate()
             return self._finish()
         finally:

@@ -15,7 +15,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
+
+
+class ImagesPerSecond(ProgressColumn):
+    """Throughput as users compare it between runs and papers: images (global batch x steps)
+    per second, from rich's own speed estimate over its recent updates."""
+
+    def __init__(self, global_batch: int) -> None:
+        super().__init__()
+        self.global_batch = global_batch
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text(f"{speed * self.global_batch:,.0f} img/s" if speed else "- img/s", style="cyan")
 
 
 def wandb_mode(requested: str) -> str:
@@ -84,7 +99,8 @@ class Monitor:
             self.wandb_id = self.run.id
         if cfg.logging.progress:
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+                                     ImagesPerSecond(cfg.optim.batch_size), TextColumn("{task.fields[status]}"),
+                                     TimeRemainingColumn())
             self.task = self.progress.add_task(cfg.name, total=total_steps, completed=start_step, status="")
             self.progress.start()
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import sslforge.deepspeed_accelerator  # noqa: F401  (before deepspeed: picks its accelerator)
 import deepspeed
 import torch
 import torch.nn as nn
