@@ -42,7 +42,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/ensure_slurm.sh
-	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest -q -p no:cacheprovider $(if $(SSLFORGE_ALL_TESTS),,-m "not slow") $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py

@@ -31,7 +31,7 @@ def _train_checkpoint_eval(run_dir: str, train: str, val: str) -> dict:
     registered = distributed.comm_device() == env.device
     cfg = tiny_config(run_dir, f"data.train={train}", f"data.val={val}", "optim.batch_size=64",
                       "train.steps=1", "train.log_every_steps=1", "train.ckpt_every_steps=1",
-                      "eval.batch_size=128")
+                      "eval.batch_size=128", "eval.at_end=true")
     with emulated_device.emulated_device() as device:
         step = Trainer(cfg, replace(env, device=device)).fit().step
     return {"registered": registered, "step": step, "checked": dict(emulated_device.CHECKED)}

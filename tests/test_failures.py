@@ -64,6 +64,7 @@ def test_a_rank_that_raises_ends_the_job(synth_data: dict, tmp_path: Path, launc
     ("srun", signal.SIGSTOP, 0, "has not answered"),  # rank 0 hosts the rendezvous store
     ("local", signal.SIGKILL, 1, None),
 ], ids=["srun-style-sigkill", "srun-style-frozen", "srun-style-frozen-store-host", "local-sigkill"])
+@pytest.mark.slow
 def test_a_dead_peer_ends_the_job(synth_data: dict, tmp_path: Path, launch: str, sig: int, victim: int,
                                   message: str | None) -> None:
     """A frozen rank keeps its sockets open, like a node that vanished: only the heartbeat can

@@ -99,6 +99,7 @@ def _two_views():  # type: ignore[no-untyped-def]
 # ------------------------------------------------------------------ compare
 
 
+@pytest.mark.slow
 def test_compare_trains_variants_on_one_budget_and_writes_its_table(tmp_path: Path, synth_data: dict) -> None:
     out = tmp_path / "cmp"
     shared = ["--set", f"data.train={synth_data['train']}", "--set", f"data.val={synth_data['val']}",

@@ -34,6 +34,7 @@ def test_every_method_has_a_cpu_preset() -> None:
 
 
 @pytest.mark.parametrize("preset", SMOKED_HERE)
+@pytest.mark.slow
 def test_preset_trains_two_ranks_end_to_end(preset: str, synth_data: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = sslforge("train", preset, f"data.train={synth_data['train']}", f"data.val={synth_data['val']}",

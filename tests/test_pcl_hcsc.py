@@ -79,6 +79,7 @@ def _train(run_dir: str, recipe: str, data: str, stop_at: int | None, *own: str)
             "buffers": {n: b.detach().clone() for n, b in trainer.method.named_buffers()}}
 
 
+@pytest.mark.slow
 def test_resume_inside_an_epoch_continues_with_its_clusters(tmp_path: Path, synth_data: dict) -> None:
     """PCL's run; HCSC keeps its clusters through the same `methods.clustered` code."""
     whole, split = tmp_path / "whole", tmp_path / "split"

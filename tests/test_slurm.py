@@ -181,6 +181,7 @@ def test_jobs_shows_state_and_logs(reference: dict, tmp_path: Path) -> None:
     assert empty.returncode == 2 and "no SLURM jobs recorded" in empty.stderr
 
 
+@pytest.mark.slow
 def test_usr2_checkpoints_at_the_step_requeues_and_matches_the_uninterrupted_run(
         reference: dict, synth_data: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -204,6 +205,7 @@ def test_usr2_checkpoints_at_the_step_requeues_and_matches_the_uninterrupted_run
         assert r["loss"] == pytest.approx(reference["losses"][r["step"]], abs=1e-6), r["step"]
 
 
+@pytest.mark.slow
 def test_scontrol_requeue_resumes_from_the_latest_checkpoint(
         reference: dict, synth_data: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -289,6 +291,7 @@ def test_a_failed_rank_fails_the_job_at_once(cluster: None, synth_data: dict, tm
     assert len(train_records(run_dir)) < STEPS
 
 
+@pytest.mark.slow
 def test_a_lost_rank_requeues_the_job_from_its_checkpoint(reference: dict, synth_data: dict, tmp_path: Path) -> None:
     """Rank 1 freezes (SIGSTOP: to its peers, a node that died). Rank 0's watchdog notices the
     silence within engine.peer_timeout_s and requeues the job, rather than failing it or waiting

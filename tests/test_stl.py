@@ -204,6 +204,7 @@ def test_one_step_of_each_stage_on_two_ranks_equals_one(recipe: str, labeler_run
 
 # ---------------------------------------------------------------- both stages through the CLI
 
+@pytest.mark.slow
 def test_stage_one_then_stage_two_train_end_to_end(synth_data: dict, tmp_path: Path) -> None:
     """The CPU presets through `sslforge train` on 2 ranks: the labeler, then a student reading
     the labeler's run; each logs finite losses, its token loss and val top-1, and checkpoints.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from sslforge import distributed
@@ -81,6 +82,7 @@ def _train_on_shards(run_dir: str, train: str, stop_at: int | None) -> int:
     return trainer.fit(stop_at_step=stop_at).step
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_shard_stream(tmp_path: Path, synth_data: dict) -> None:
     """Data position is restored: the resumed run sees the same batches (same losses) across
     the epoch boundary at step 8, with 2 workers per rank."""
